@@ -1,0 +1,335 @@
+"""Client: one long-lived ending of the fleet, known to the service by its name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from types import TracebackType
+
+from ..codec import Packet
+from ..dispatch import Dispatcher, decode_reply, service_error
+from ..errors import (
+    AuthenticationFailed,
+    CloseCode,
+    ConfigError,
+    ConnectionClosed,
+    ConnectionFailed,
+    HandshakeRefused,
+    ProtocolError,
+)
+from ..peer import DEFAULT_REQUEST_TIMEOUT, Peer
+from ..protocol import (
+    PROTOCOL_VERSION,
+    AckReceived,
+    CloseReceived,
+    Connection,
+    ErrorBody,
+    ErrorReceived,
+    Event,
+    Flag,
+    Hello,
+    PacketHeader,
+    PacketReceived,
+    Role,
+    Welcome,
+    WelcomeReceived,
+    validate_name,
+)
+from ..transport import Link, client_ssl_context, connect, parse_url
+
+log = logging.getLogger("packetstack.client")
+
+_REPLY = int(Flag.REPLY)
+
+# Close codes after which reconnecting cannot help.
+_FINAL = {
+    CloseCode.AUTH_FAILED,
+    CloseCode.REPLACED,
+    CloseCode.UNSUPPORTED_VERSION,
+    CloseCode.BAD_NAME,
+}
+
+
+class Client(Peer):
+    """An ending: ``async with Client("worker-1", "ps://127.0.0.1:7400") as client: ...``.
+
+    It reconnects by itself after a lost connection (exponential backoff with full jitter,
+    between ``backoff_initial`` and ``backoff_max`` seconds) and rejoins its groups.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str = "ps://127.0.0.1:7400",
+        *,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        cafile: str | None = None,
+        reconnect: bool = True,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        connect_timeout: float = 10.0,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> None:
+        problem = validate_name(name)
+        if problem is not None:
+            raise ConfigError(problem)
+        super().__init__(name, request_timeout)
+        self.endpoint = parse_url(url)
+        if self.endpoint.tls and ssl_context is None:
+            ssl_context = client_ssl_context(cafile)
+        self._ssl = ssl_context
+        self._token = token
+        self.reconnect = reconnect
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.connect_timeout = connect_timeout
+        self.welcome: Welcome | None = None
+        self._link: Link | None = None
+        self._handshake: asyncio.Future[Welcome] | None = None
+        self._dispatcher = Dispatcher(self._handlers, self._send_reply)
+        self._groups: set[str] = set()
+        self._acks: set[int] = set()
+        self._closing = False
+        self._reconnector: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self.reconnects = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and not self._link.closed and self.welcome is not None
+
+    async def connect(self) -> None:
+        """Connect and shake hands, retrying with backoff for up to ``connect_timeout``.
+
+        Raises AuthenticationFailed / HandshakeRefused at once, ConnectionFailed when the
+        service stays unreachable."""
+        self._closing = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        attempt = 0
+        while True:
+            try:
+                await self._open(max(0.1, deadline - loop.time()))
+                return
+            except HandshakeRefused:
+                raise
+            except (TimeoutError, OSError, ConnectionFailed) as exc:
+                delay = self._backoff(attempt)
+                attempt += 1
+                if loop.time() + delay >= deadline:
+                    raise ConnectionFailed(
+                        f"cannot reach the service at {self.endpoint}: {exc}; is it running "
+                        "(packetstack serve) and is the URL right?"
+                    ) from exc
+                await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.backoff_max, self.backoff_initial * 2**attempt))
+
+    async def _open(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        link = Link(Connection(Role.CLIENT), self)
+        handshake: asyncio.Future[Welcome] = loop.create_future()
+        self._handshake = handshake
+        async with asyncio.timeout(timeout):
+            await connect(self.endpoint, lambda: link, self._ssl)
+            link.write(
+                link.connection.hello_frame(
+                    Hello(PROTOCOL_VERSION, self.name, self._token, caps=["chunks"])
+                )
+            )
+            try:
+                welcome = await handshake
+            except BaseException:
+                link.abort()
+                raise
+        self._link = link
+        self.welcome = welcome
+        link.start_heartbeat(welcome.heartbeat, welcome.timeout)
+        for group in sorted(self._groups):
+            link.write(link.connection.group_frame(next(self._ids), group, True))
+        self._connected.set()
+        log.info("%s connected to %s", self.name, self.endpoint)
+
+    async def close(self) -> None:
+        """Say goodbye and close; pending requests fail with ConnectionClosed."""
+        self._closing = True
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+            self._reconnector = None
+        link = self._link
+        if link is not None and not link.closed:
+            link.close(CloseCode.NORMAL, "client closed")
+            try:
+                await asyncio.wait_for(asyncio.shield(link.closed_future), 2.0)
+            except TimeoutError:
+                link.abort()
+        self._link = None
+        self._connected.clear()
+        await self._dispatcher.stop()
+        self._pending.fail_all(ConnectionClosed("client closed"))
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the client is connected (for example after a reconnect)."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    # ---------------------------------------------------------------- groups
+
+    async def join(self, group: str) -> None:
+        """Join a group; returns once the service confirmed. Rejoined after reconnects."""
+        await self._group(group, True)
+        self._groups.add(group)
+
+    async def leave(self, group: str) -> None:
+        await self._group(group, False)
+        self._groups.discard(group)
+
+    async def _group(self, group: str, join: bool) -> None:
+        problem = validate_name(group, "group name")
+        if problem is not None:
+            raise ConfigError(problem)
+        link = self._require_link()
+        request_id = next(self._ids)
+        future = self._pending.expect(request_id, self.request_timeout, f"joining {group!r}")
+        self._acks.add(request_id)
+        link.write(link.connection.group_frame(request_id, group, join))
+        await future
+
+    # --------------------------------------------------------------- sending
+
+    def _require_link(self) -> Link:
+        link = self._link
+        if link is None or link.closed:
+            raise ConnectionClosed(
+                f"{self.name} is not connected to {self.endpoint}"
+                + ("; reconnecting" if self._reconnector is not None else "")
+            )
+        return link
+
+    async def _transmit(self, header: PacketHeader, payload: bytes, ack: bool) -> None:
+        link = self._require_link()
+        frame = link.connection.send_packet(header, payload)
+        if ack:
+            future = self._pending.expect(
+                header.id, self.request_timeout, f"acknowledgement of {header.tag!r}"
+            )
+            self._acks.add(header.id)
+            link.write(frame)
+            await future
+            return
+        link.write(frame)
+        if not link.writable:
+            await link.drain()
+
+    def _send_reply(
+        self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
+    ) -> None:
+        header, payload = self._reply(request, packet, error)
+        link = self._require_link()
+        link.write(link.connection.send_packet(header, payload))
+
+    # ------------------------------------------------------- link callbacks
+
+    def link_events(self, link: Link, events: list[Event]) -> None:
+        pending = self._pending
+        for event in events:
+            if type(event) is PacketReceived:
+                header = event.header
+                if header.flags & _REPLY:
+                    if not pending.resolve(header.corr, decode_reply(header, event.payload)):
+                        log.debug("late reply to %d from %s", header.corr, header.src)
+                else:
+                    self._dispatcher.submit(header, event.payload)
+            elif type(event) is AckReceived:
+                self._acks.discard(event.id)
+                pending.resolve(event.id, None)
+            elif type(event) is ErrorReceived:
+                self._acks.discard(event.ref)
+                if not pending.fail(event.ref, service_error(event.code, event.message)):
+                    log.warning("service reported on packet %d: %s", event.ref, event.message)
+            elif type(event) is WelcomeReceived:
+                if self._handshake is not None and not self._handshake.done():
+                    self._handshake.set_result(event.welcome)
+            elif type(event) is CloseReceived:
+                link.close_code = _close_code(event.code)
+                link.close_reason = event.reason
+                self._refuse_handshake(event.code, event.reason)
+
+    def _refuse_handshake(self, code: int, reason: str) -> None:
+        handshake = self._handshake
+        if handshake is None or handshake.done():
+            return
+        message = f"the service refused {self.name!r}: {reason}"
+        if code == CloseCode.AUTH_FAILED:
+            handshake.set_exception(AuthenticationFailed(message, CloseCode.AUTH_FAILED))
+        else:
+            handshake.set_exception(HandshakeRefused(message, _close_code(code)))
+
+    def link_lost(self, link: Link, error: BaseException | None) -> None:
+        handshake = self._handshake
+        if handshake is not None and not handshake.done():
+            handshake.set_exception(
+                ConnectionFailed(f"connection lost during handshake: {error or 'closed'}")
+            )
+        if link is not self._link:
+            return
+        self._link = None
+        self._connected.clear()
+        code = link.close_code or CloseCode.GOING_AWAY
+        lost = ConnectionClosed(
+            f"connection to {self.endpoint} lost ({link.close_reason or error or 'closed'})",
+            code,
+            link.close_reason,
+        )
+        # Acks can no longer arrive; replies still can, after a reconnect under our name.
+        self._pending.fail_all(lost, only=set(self._acks))
+        self._acks.clear()
+        if self._closing:
+            return
+        if not self.reconnect or code in _FINAL:
+            log.error("%s disconnected for good: %s", self.name, lost)
+            return
+        log.warning("%s lost its connection (%s); reconnecting", self.name, lost)
+        self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+            try:
+                await self._open(self.connect_timeout)
+            except HandshakeRefused as exc:
+                log.error("%s cannot reconnect: %s", self.name, exc)
+                break
+            except (TimeoutError, OSError, ConnectionFailed, ProtocolError) as exc:
+                log.info("%s reconnect attempt %d failed: %s", self.name, attempt, exc)
+                continue
+            self.reconnects += 1
+            break
+        self._reconnector = None
+
+
+def _close_code(code: int) -> CloseCode:
+    try:
+        return CloseCode(code)
+    except ValueError:
+        return CloseCode.PROTOCOL_ERROR

@@ -1,0 +1,130 @@
+"""Typed packets: the ``Packet`` base, the tag registry, and reusable msgspec codecs.
+
+A packet's *tag* travels in the envelope; its *body* is the msgpack encoding of the
+struct. The service routes bodies opaquely; only the receiving side decodes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import msgspec
+
+from .errors import DuplicatePacketTag, PacketDecodeError, UnknownPacketType
+
+
+class Packet(msgspec.Struct):
+    """Base class of every packet.
+
+    Subclasses register themselves under ``packet_tag`` (default: the class name)::
+
+        class Move(Packet):
+            x: int
+            y: int
+
+        class Chat(Packet):
+            packet_tag: ClassVar[str] = "chat.v1"
+            text: str
+    """
+
+    packet_tag: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        tag = cls.__dict__.get("packet_tag", cls.__name__)
+        cls.packet_tag = tag
+        registry.register(cls, tag)
+
+
+_EncodeHook = Callable[[Any], Any]
+_DecodeHook = Callable[[Any], Any]
+
+
+class _Hooks:
+    """User types that msgspec does not know, with their encode/decode functions."""
+
+    def __init__(self) -> None:
+        self.encoders: dict[type, _EncodeHook] = {}
+        self.decoders: dict[type, _DecodeHook] = {}
+
+    def enc_hook(self, obj: Any) -> Any:
+        for kind in type(obj).__mro__:
+            encode = self.encoders.get(kind)
+            if encode is not None:
+                return encode(obj)
+        raise NotImplementedError(
+            f"cannot encode {type(obj).__qualname__}: register it with "
+            "packetstack.register_type(cls, encode=..., decode=...)"
+        )
+
+    def dec_hook(self, kind: type, obj: Any) -> Any:
+        decode = self.decoders.get(kind)
+        if decode is None:
+            raise NotImplementedError(
+                f"cannot decode {kind!r}: register it with packetstack.register_type"
+            )
+        return decode(obj)
+
+
+_hooks = _Hooks()
+
+
+def register_type(kind: type, *, encode: _EncodeHook, decode: _DecodeHook) -> None:
+    """Teach the codec a user type: ``encode(obj)`` returns msgpack-able data, ``decode(data)``
+    rebuilds the object. Registering after packets were decoded is fine: hooks are looked up
+    on each use."""
+    _hooks.encoders[kind] = encode
+    _hooks.decoders[kind] = decode
+
+
+# One encoder for every body in the process: msgspec encoders are reusable and thread-safe.
+_encoder = msgspec.msgpack.Encoder(enc_hook=_hooks.enc_hook)
+
+
+def encode(packet: Packet) -> bytes:
+    """Encode a packet body (its tag travels separately, in the envelope)."""
+    return _encoder.encode(packet)
+
+
+class PacketRegistry:
+    """Tag -> packet class, each with its own decoder built once."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Packet]] = {}
+        self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
+
+    def register(self, cls: type[Packet], tag: str) -> None:
+        known = self._classes.get(tag)
+        if known is not None and _qualified(known) != _qualified(cls):
+            raise DuplicatePacketTag(
+                f"packet tag {tag!r} is used by {_qualified(known)} and {_qualified(cls)}; "
+                "give one of them its own `packet_tag: ClassVar[str] = ...`"
+            )
+        self._classes[tag] = cls
+        self._decoders.pop(tag, None)
+
+    def get(self, tag: str) -> type[Packet] | None:
+        return self._classes.get(tag)
+
+    def decode(self, tag: str, body: bytes | memoryview) -> Packet:
+        """Decode a body; raise UnknownPacketType or PacketDecodeError, nothing else."""
+        decoder = self._decoders.get(tag)
+        if decoder is None:
+            cls = self._classes.get(tag)
+            if cls is None:
+                raise UnknownPacketType(f"no packet class is registered under tag {tag!r}")
+            decoder = msgspec.msgpack.Decoder(cls, dec_hook=_hooks.dec_hook)
+            self._decoders[tag] = decoder
+        try:
+            packet: Packet = decoder.decode(body)
+        except (msgspec.DecodeError, NotImplementedError) as exc:
+            raise PacketDecodeError(f"body of packet {tag!r} does not validate: {exc}") from exc
+        return packet
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+registry = PacketRegistry()

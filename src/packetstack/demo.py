@@ -1,0 +1,69 @@
+"""``packetstack demo``: a service on its embedded default and two endings talking."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from .client import Client
+from .codec import Packet
+from .dispatch import Context
+from .service import Service
+
+
+class ChatMessage(Packet):
+    text: str
+    sent_at: datetime
+
+
+class Question(Packet):
+    a: int
+    b: int
+
+
+class Answer(Packet):
+    total: int
+    answered_by: str
+
+
+async def run_demo(url: str | None = None, token: str | None = None) -> None:
+    if url is None:
+        with tempfile.TemporaryDirectory(prefix="packetstack-demo-") as data_dir:
+            async with Service(port=0, data_dir=data_dir) as service:
+                click.echo(f"service listening on {service.url} (data in {data_dir})")
+                await _talk(service.url, token)
+    else:
+        await _talk(url, token)
+
+
+async def _talk(url: str, token: str | None) -> None:
+    done = asyncio.Event()
+    received: list[str] = []
+
+    async with Client("alice", url, token=token) as alice, Client("bob", url, token=token) as bob:
+
+        @bob.on(ChatMessage)
+        async def on_chat(message: ChatMessage, ctx: Context) -> None:
+            where = f" in #{ctx.group}" if ctx.group else ""
+            received.append(message.text)
+            click.echo(f"bob   <- {ctx.sender}{where}: {message.text!r}")
+            if len(received) == 2:
+                done.set()
+
+        @bob.on(Question)
+        async def on_question(question: Question, ctx: Context) -> Any:
+            return Answer(question.a + question.b, answered_by="bob")
+
+        await bob.join("lobby")
+        click.echo("alice -> bob: hello")
+        await alice.send("bob", ChatMessage("hello, bob", datetime.now(UTC)))
+        click.echo("alice -> #lobby: anyone here?")
+        await alice.publish("lobby", ChatMessage("anyone here?", datetime.now(UTC)))
+        answer: Answer = await alice.request("bob", Question(20, 22), timeout=5)
+        click.echo(f"alice asked bob 20 + 22 and got {answer.total} from {answer.answered_by}")
+        await asyncio.wait_for(done.wait(), 5)
+    click.echo("demo finished: 2 packets delivered, 1 request answered")

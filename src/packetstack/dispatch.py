@@ -1,0 +1,289 @@
+"""Handlers, ordered dispatch and pending requests: shared by Client and Service.
+
+Packets from one connection are handled in arrival order by one task per connection (not a
+task per packet). Replies are matched to their requests as they arrive, outside that order,
+so a handler that awaits a request of its own never deadlocks its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from .codec import Packet, registry
+from .errors import (
+    CodecError,
+    ConnectionClosed,
+    DeliveryError,
+    ErrorCode,
+    PacketDecodeError,
+    PayloadTooLarge,
+    RemoteError,
+    RequestTimeout,
+    UnknownDestination,
+    UnknownPacketType,
+)
+from .protocol import ErrorBody, Flag, PacketHeader, Target
+
+log = logging.getLogger("packetstack.dispatch")
+
+P = TypeVar("P", bound=Packet)
+Handler = Callable[[Any, "Context"], Awaitable[Packet | None] | Packet | None]
+ReplySender = Callable[[PacketHeader, Packet | None, ErrorBody | None], None]
+
+_error_body_encoder = msgspec.msgpack.Encoder()
+_error_body_decoder = msgspec.msgpack.Decoder(ErrorBody)
+
+ERROR_TAG = "$error"
+
+_REQUEST = int(Flag.REQUEST)
+_ERROR = int(Flag.ERROR)
+
+
+class Context:
+    """What a handler knows about the packet it handles."""
+
+    __slots__ = ("header",)
+
+    def __init__(self, header: PacketHeader) -> None:
+        self.header = header
+
+    @property
+    def sender(self) -> str:
+        """Name of the sending ending, or ``"service"``."""
+        return self.header.src
+
+    @property
+    def id(self) -> int:
+        return self.header.id
+
+    @property
+    def is_request(self) -> bool:
+        return bool(self.header.flags & _REQUEST)
+
+    @property
+    def group(self) -> str | None:
+        """The group it was published to, or None for a direct packet."""
+        return self.header.dst if self.header.target == Target.GROUP else None
+
+    @property
+    def broadcast(self) -> bool:
+        return self.header.target == Target.ALL
+
+    def __repr__(self) -> str:
+        return f"Context(sender={self.sender!r}, id={self.id}, tag={self.header.tag!r})"
+
+
+class HandlerTable:
+    """Packet class -> handler, found by tag on receipt."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[Handler, bool]] = {}
+        self.on_unhandled: Callable[[BaseException, Context], None] | None = None
+
+    def on(self, packet_type: type[P]) -> Callable[[Handler], Handler]:
+        """Decorator: ``@x.on(Move) async def moved(packet, ctx): ...``. A handler that
+        returns a Packet answers a request. Plain functions work too."""
+        if not (isinstance(packet_type, type) and issubclass(packet_type, Packet)):
+            raise TypeError(f"on() takes a Packet subclass, not {packet_type!r}")
+
+        def register(handler: Handler) -> Handler:
+            is_async = inspect.iscoroutinefunction(handler)
+            self._handlers[packet_type.packet_tag] = (handler, is_async)
+            return handler
+
+        return register
+
+    def get(self, tag: str) -> tuple[Handler, bool] | None:
+        return self._handlers.get(tag)
+
+
+def error_body(code: ErrorCode, exc: BaseException) -> ErrorBody:
+    return ErrorBody(int(code), type(exc).__name__, str(exc))
+
+
+class Dispatcher:
+    """Runs handlers for one connection's packets, in order, on one task."""
+
+    def __init__(self, table: HandlerTable, send_reply: ReplySender) -> None:
+        self._table = table
+        self._send_reply = send_reply
+        self._queue: deque[tuple[PacketHeader, memoryview]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.handled = 0
+        self.failed = 0
+
+    def submit(self, header: PacketHeader, payload: memoryview) -> None:
+        self._queue.append((header, payload))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        elif self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            while queue:
+                header, payload = queue.popleft()
+                await self._handle(header, payload)
+            self._wakeup = loop.create_future()
+            await self._wakeup
+            self._wakeup = None
+
+    async def _handle(self, header: PacketHeader, payload: memoryview) -> None:
+        ctx = Context(header)
+        is_request = header.flags & _REQUEST
+        try:
+            packet = registry.decode(header.tag, payload)
+        except UnknownPacketType as exc:
+            self._fail(ctx, ErrorCode.UNKNOWN_PACKET_TYPE, exc)
+            return
+        except PacketDecodeError as exc:
+            self._fail(ctx, ErrorCode.DECODE_FAILED, exc)
+            return
+        entry = self._table.get(header.tag)
+        if entry is None:
+            missing = LookupError(f"no handler for packet {header.tag!r}")
+            self._fail(ctx, ErrorCode.NO_HANDLER, missing)
+            return
+        handler, is_async = entry
+        try:
+            result = handler(packet, ctx)
+            if is_async:
+                result = await result  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("handler for %r from %r raised", header.tag, header.src)
+            self._fail(ctx, ErrorCode.HANDLER_FAILED, exc, logged=True)
+            return
+        self.handled += 1
+        if is_request:
+            if isinstance(result, Packet):
+                self._send_reply(header, result, None)
+            else:
+                wrong = TypeError(
+                    f"the handler for request {header.tag!r} returned "
+                    f"{type(result).__name__}, not a Packet"
+                )
+                self._fail(ctx, ErrorCode.HANDLER_FAILED, wrong)
+
+    def _fail(
+        self, ctx: Context, code: ErrorCode, exc: BaseException, logged: bool = False
+    ) -> None:
+        self.failed += 1
+        if ctx.is_request:
+            try:
+                self._send_reply(ctx.header, None, error_body(code, exc))
+            except Exception:  # the requester is gone; nothing more to tell
+                log.debug("could not send the error reply", exc_info=True)
+        elif not logged:
+            log.warning("packet %r from %r: %s", ctx.header.tag, ctx.sender, exc)
+        hook = self._table.on_unhandled
+        if hook is not None:
+            hook(exc, ctx)
+
+
+def remote_error(body: bytes | memoryview) -> DeliveryError:
+    """The exception a requester raises for an error reply."""
+    try:
+        err = _error_body_decoder.decode(body)
+    except msgspec.DecodeError:
+        return RemoteError("malformed error reply", "ProtocolError", ErrorCode.PROTOCOL)
+    try:
+        code = ErrorCode(err.code)
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    return RemoteError(f"{err.type}: {err.message}", err.type, code)
+
+
+def encode_error_body(body: ErrorBody) -> bytes:
+    return _error_body_encoder.encode(body)
+
+
+def service_error(code: int, message: str) -> Exception:
+    """The exception for an ERROR frame the service sent about one of our packets."""
+    if code == ErrorCode.UNKNOWN_DESTINATION:
+        return UnknownDestination(message)
+    if code == ErrorCode.PAYLOAD_TOO_LARGE:
+        return PayloadTooLarge(message)
+    return DeliveryError(f"{message} (code {code})")
+
+
+class Pending:
+    """Requests and acknowledged sends waiting for their answer, by packet id."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def expect(self, packet_id: int, timeout: float | None, what: str) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, self._expire, packet_id, timeout, what)
+        self._waiting[packet_id] = (future, timer)
+        return future
+
+    def _expire(self, packet_id: int, timeout: float, what: str) -> None:
+        self.fail(packet_id, RequestTimeout(f"no answer to {what} within {timeout:g} s"))
+
+    def forget(self, packet_id: int) -> None:
+        entry = self._waiting.pop(packet_id, None)
+        if entry is not None and entry[1] is not None:
+            entry[1].cancel()
+
+    def resolve(self, packet_id: int, value: Any) -> bool:
+        entry = self._waiting.pop(packet_id, None)
+        if entry is None:
+            return False
+        future, timer = entry
+        if timer is not None:
+            timer.cancel()
+        if not future.done():
+            future.set_result(value)
+        return True
+
+    def fail(self, packet_id: int, error: BaseException) -> bool:
+        entry = self._waiting.pop(packet_id, None)
+        if entry is None:
+            return False
+        future, timer = entry
+        if timer is not None:
+            timer.cancel()
+        if not future.done():
+            future.set_exception(error)
+        return True
+
+    def fail_all(self, error: ConnectionClosed, only: set[int] | None = None) -> None:
+        for packet_id in list(self._waiting if only is None else only):
+            self.fail(packet_id, error)
+
+
+def decode_reply(header: PacketHeader, payload: memoryview) -> Packet | BaseException:
+    """A reply's packet, or the exception the requester should raise."""
+    if header.flags & _ERROR:
+        return remote_error(payload)
+    try:
+        return registry.decode(header.tag, payload)
+    except CodecError as exc:
+        return exc

@@ -1,0 +1,146 @@
+"""Every exception PacketStack raises, in one tree.
+
+::
+
+    PacketStackError
+    ├── ConfigError                     bad settings, named with the fix
+    ├── ProtocolError                   the peer broke the wire protocol
+    │   └── FrameTooLarge               a frame over the negotiated maximum
+    ├── CodecError                      a packet body could not be (de)serialised
+    │   ├── UnknownPacketType           no class is registered under the tag
+    │   ├── DuplicatePacketTag          two classes claim the same tag
+    │   └── PacketDecodeError           the body does not validate against its class
+    ├── PayloadTooLarge                 refused before anything was sent
+    ├── ConnectionFailed                could not reach or keep the service
+    │   ├── HandshakeRefused            the service said no at handshake
+    │   │   └── AuthenticationFailed    wrong or missing token
+    │   └── ConnectionClosed            the connection is gone (or was never up)
+    └── DeliveryError                   a packet or request could not be delivered
+        ├── UnknownDestination          no ending or group of that name
+        ├── RequestTimeout              no reply in time (also a TimeoutError)
+        └── RemoteError                 the far side's handler raised
+
+Errors that travel over the wire carry an :class:`ErrorCode`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by ERROR frames and error replies (see docs/PROTOCOL.md)."""
+
+    PROTOCOL = 1
+    UNKNOWN_DESTINATION = 2
+    PAYLOAD_TOO_LARGE = 3
+    UNKNOWN_PACKET_TYPE = 4
+    DECODE_FAILED = 5
+    HANDLER_FAILED = 6
+    NO_HANDLER = 7
+    INTERNAL = 8
+
+
+class CloseCode(enum.IntEnum):
+    """Reason codes carried by CLOSE frames."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    FRAME_TOO_LARGE = 1003
+    HEARTBEAT_TIMEOUT = 1004
+    REPLACED = 1005
+    AUTH_FAILED = 1006
+    UNSUPPORTED_VERSION = 1007
+    BAD_NAME = 1008
+    HANDSHAKE_TIMEOUT = 1009
+
+
+class PacketStackError(Exception):
+    """Base of every PacketStack error."""
+
+
+class ConfigError(PacketStackError, ValueError):
+    """A setting is missing or wrong; the message names the setting and the fix."""
+
+
+class ProtocolError(PacketStackError):
+    """The peer sent bytes that break the wire protocol."""
+
+    close_code: CloseCode = CloseCode.PROTOCOL_ERROR
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's length prefix is over the maximum frame size."""
+
+    close_code = CloseCode.FRAME_TOO_LARGE
+
+
+class CodecError(PacketStackError):
+    """A packet body could not be encoded or decoded."""
+
+
+class UnknownPacketType(CodecError):
+    """No packet class is registered under the received tag."""
+
+
+class DuplicatePacketTag(CodecError, TypeError):
+    """Two different packet classes were registered under one tag."""
+
+
+class PacketDecodeError(CodecError):
+    """A packet body does not validate against its registered class."""
+
+
+class PayloadTooLarge(PacketStackError):
+    """An encoded packet is over the maximum payload size; nothing was sent."""
+
+
+class ConnectionFailed(PacketStackError, ConnectionError):
+    """The service could not be reached, or the connection could not be kept."""
+
+
+class HandshakeRefused(ConnectionFailed):
+    """The service refused the handshake; ``code`` says why."""
+
+    def __init__(self, message: str, code: CloseCode = CloseCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AuthenticationFailed(HandshakeRefused):
+    """The token was wrong or missing."""
+
+
+class ConnectionClosed(ConnectionFailed):
+    """The connection is closed (or not yet open); ``code`` and ``reason`` say why."""
+
+    def __init__(self, message: str, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class DeliveryError(PacketStackError):
+    """A packet or request could not be delivered or answered."""
+
+
+class UnknownDestination(DeliveryError, LookupError):
+    """No ending (or group) of that name is known to the service."""
+
+
+class RequestTimeout(DeliveryError, TimeoutError):
+    """No reply arrived within the request's timeout."""
+
+
+class RemoteError(DeliveryError):
+    """The far side could not answer: its handler raised, or it could not read the packet.
+
+    ``remote_type`` is the far side's exception class name (for example ``"ValueError"``),
+    ``code`` the :class:`ErrorCode`.
+    """
+
+    def __init__(self, message: str, remote_type: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.code = code

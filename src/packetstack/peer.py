@@ -1,0 +1,117 @@
+"""The packet API that Client and Service share: on, send, publish, broadcast, request."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from .codec import Packet, encode
+from .dispatch import ERROR_TAG, Context, Handler, HandlerTable, Pending, encode_error_body
+from .protocol import SERVICE_NAME, ErrorBody, Flag, PacketHeader, Target
+
+DEFAULT_REQUEST_TIMEOUT = 30.0
+
+_REPLY = int(Flag.REPLY)
+_REPLY_ERROR = int(Flag.REPLY | Flag.ERROR)
+
+
+def destination(to: str) -> tuple[int, str]:
+    """(target, dst) for a send or request addressed to an ending name or ``"service"``."""
+    if to == SERVICE_NAME:
+        return Target.SERVICE, SERVICE_NAME
+    if not isinstance(to, str) or not to:
+        raise TypeError(f"a destination is an ending's name or 'service', not {to!r}")
+    return Target.ENDING, to
+
+
+class Peer:
+    """Base of Client and Service. Subclasses say how a packet leaves (``_transmit``)."""
+
+    def __init__(self, name: str, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+        self.name = name
+        self.request_timeout = request_timeout
+        self._handlers = HandlerTable()
+        self._pending = Pending()
+        self._ids = itertools.count(1)
+
+    # -------------------------------------------------------------- handlers
+
+    def on(self, packet_type: type[Packet]) -> Callable[[Handler], Handler]:
+        """Register ``async def handler(packet, ctx)`` for a packet class."""
+        return self._handlers.on(packet_type)
+
+    @property
+    def on_unhandled(self) -> Callable[[BaseException, Context], None] | None:
+        """Called with the error and context of each packet no handler could take."""
+        return self._handlers.on_unhandled
+
+    @on_unhandled.setter
+    def on_unhandled(self, hook: Callable[[BaseException, Context], None] | None) -> None:
+        self._handlers.on_unhandled = hook
+
+    # --------------------------------------------------------------- sending
+
+    def _header(
+        self, target: int, dst: str, packet: Packet, flags: int, corr: int = 0
+    ) -> tuple[PacketHeader, bytes]:
+        if not isinstance(packet, Packet):
+            raise TypeError(f"expected a packetstack.Packet, got {type(packet).__name__}")
+        header = PacketHeader(
+            next(self._ids), target, dst, self.name, packet.packet_tag, flags, corr
+        )
+        return header, encode(packet)
+
+    async def _transmit(self, header: PacketHeader, payload: bytes, ack: bool) -> None:
+        raise NotImplementedError
+
+    async def send(self, to: str, packet: Packet, *, ack: bool = False) -> None:
+        """Send a packet to the ending named ``to`` (or ``"service"``).
+
+        Returns once the packet is on its way; with ``ack=True``, once the service has
+        routed it, raising UnknownDestination if nobody of that name is connected."""
+        target, dst = destination(to)
+        header, payload = self._header(target, dst, packet, Flag.ACK if ack else 0)
+        await self._transmit(header, payload, ack)
+
+    async def publish(self, group: str, packet: Packet, *, ack: bool = False) -> None:
+        """Send a packet to every member of ``group`` except the sender."""
+        header, payload = self._header(Target.GROUP, group, packet, Flag.ACK if ack else 0)
+        await self._transmit(header, payload, ack)
+
+    async def broadcast(self, packet: Packet, *, ack: bool = False) -> None:
+        """Send a packet to every connected ending except the sender."""
+        header, payload = self._header(Target.ALL, "*", packet, Flag.ACK if ack else 0)
+        await self._transmit(header, payload, ack)
+
+    async def request(self, to: str, packet: Packet, *, timeout: float | None = None) -> Any:
+        """Send a request and return the reply packet.
+
+        Raises RequestTimeout, UnknownDestination, RemoteError (the far handler raised or
+        could not read the packet) or ConnectionClosed."""
+        target, dst = destination(to)
+        header, payload = self._header(target, dst, packet, Flag.REQUEST)
+        limit = self.request_timeout if timeout is None else timeout
+        future = self._pending.expect(header.id, limit, f"request {header.tag!r} to {to!r}")
+        try:
+            await self._transmit(header, payload, False)
+        except BaseException:
+            self._pending.forget(header.id)
+            raise
+        reply = await future
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _reply(
+        self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
+    ) -> tuple[PacketHeader, bytes]:
+        """Header and payload answering ``request`` with a packet or an error."""
+        target = Target.SERVICE if request.src == SERVICE_NAME else Target.ENDING
+        if error is not None:
+            header = PacketHeader(
+                next(self._ids), target, request.src, self.name, ERROR_TAG, _REPLY_ERROR, request.id
+            )
+            return header, encode_error_body(error)
+        assert packet is not None
+        return self._header(target, request.src, packet, _REPLY, request.id)

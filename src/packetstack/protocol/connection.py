@@ -1,0 +1,343 @@
+"""The sans-I/O connection: bytes in, events out; calls in, bytes out.
+
+Nothing here touches sockets, clocks or asyncio, so it is tested by feeding bytes, one at a
+time or all at once, and fuzzed with "parse or raise ProtocolError, nothing else".
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+import msgspec
+
+from ..errors import CloseCode, FrameTooLarge, PayloadTooLarge, ProtocolError
+from .events import (
+    AckReceived,
+    CloseReceived,
+    ErrorReceived,
+    Event,
+    GroupChange,
+    HelloReceived,
+    OversizedPacket,
+    PacketReceived,
+    PingReceived,
+    WelcomeReceived,
+)
+from .frames import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_PAYLOAD,
+    EMPTY_HEADER,
+    KIND_AND_HLEN,
+    LENGTH,
+    MAX_HEADER,
+    PREFIX,
+    PREFIX_SIZE,
+    AckHeader,
+    ChunkHeader,
+    CloseHeader,
+    ErrorHeader,
+    Flag,
+    FrameKind,
+    GroupHeader,
+    Hello,
+    PacketHeader,
+    Welcome,
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_packet_header = msgspec.msgpack.Decoder(PacketHeader)
+_chunk_header = msgspec.msgpack.Decoder(ChunkHeader)
+_ack_header = msgspec.msgpack.Decoder(AckHeader)
+_error_header = msgspec.msgpack.Decoder(ErrorHeader)
+_close_header = msgspec.msgpack.Decoder(CloseHeader)
+_group_header = msgspec.msgpack.Decoder(GroupHeader)
+_hello = msgspec.msgpack.Decoder(Hello)
+_welcome = msgspec.msgpack.Decoder(Welcome)
+
+_CHUNKED = int(Flag.CHUNKED)
+_PACKET = int(FrameKind.PACKET)
+
+# Incoming chunked packets one connection may have in flight at once.
+MAX_OPEN_STREAMS = 64
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVICE = "service"
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _InStream:
+    __slots__ = ("buffer", "discard", "header", "remaining")
+
+    def __init__(self, header: PacketHeader, discard: bool) -> None:
+        self.header = header
+        self.buffer = bytearray()
+        self.remaining = header.size
+        self.discard = discard  # over max_payload: count the bytes, keep none
+
+
+class _OutStream:
+    __slots__ = ("id", "offset", "payload")
+
+    def __init__(self, stream_id: int, payload: bytes | memoryview) -> None:
+        self.id = stream_id
+        self.payload = memoryview(payload)
+        self.offset = 0
+
+
+def frame(kind: int, header: bytes, payload: bytes | memoryview = b"") -> bytes:
+    """Assemble one frame."""
+    hlen = len(header)
+    if hlen > MAX_HEADER:
+        raise ProtocolError(f"frame header of {hlen} bytes is over {MAX_HEADER}")
+    prefix = PREFIX.pack(hlen + len(payload) + 3, kind, hlen)
+    return b"".join((prefix, header, payload))
+
+
+class Connection:
+    """One side of a PacketStack connection.
+
+    ``receive_data`` parses whatever bytes arrived into events; the ``*_frame`` methods and
+    ``send_packet`` return the bytes to write. Large payloads become outgoing streams whose
+    CHUNK frames the transport pulls with ``next_chunks`` between small frames.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.role = role
+        self.state = State.HANDSHAKE
+        self.max_frame = max_frame
+        self.max_payload = max_payload
+        self.chunk_size = chunk_size
+        self._buffer = bytearray()
+        self._in_streams: dict[int, _InStream] = {}
+        self._out_streams: deque[_OutStream] = deque()
+        self._next_stream = 1
+
+    # ----------------------------------------------------------------- limits
+
+    def apply_limits(self, *, max_frame: int, max_payload: int, chunk_size: int) -> None:
+        """Adopt the limits the service announced in WELCOME."""
+        self.max_frame = max_frame
+        self.max_payload = max_payload
+        self.chunk_size = chunk_size
+
+    # ---------------------------------------------------------------- receive
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Parse bytes into events. Raise ProtocolError (with the events parsed before the
+        fault in ``error.events``) when the peer breaks the protocol."""
+        if self.state is State.CLOSED:
+            return []
+        events: list[Event] = []
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            source: bytes | bytearray | memoryview = buffer
+        else:
+            source = data
+        total = len(source)
+        pos = 0
+        max_frame = self.max_frame
+        try:
+            while total - pos >= PREFIX_SIZE:
+                (length,) = LENGTH.unpack_from(source, pos)
+                if length > max_frame:
+                    raise FrameTooLarge(
+                        f"frame of {length} bytes is over the maximum of {max_frame}"
+                    )
+                if length < KIND_AND_HLEN:
+                    raise ProtocolError(f"frame length {length} is shorter than its prefix")
+                end = pos + 4 + length
+                if end > total:
+                    break
+                raw = bytes(source[pos:end])
+                pos = end
+                self._parse_frame(raw, events)
+        except ProtocolError as exc:
+            self.state = State.CLOSED
+            self._buffer = bytearray()
+            exc.events = events  # type: ignore[attr-defined]
+            raise
+        if buffer:
+            del buffer[:pos]
+        elif pos < total:
+            self._buffer = bytearray(source[pos:])
+        return events
+
+    def _parse_frame(self, raw: bytes, events: list[Event]) -> None:
+        _, kind, hlen = PREFIX.unpack_from(raw)
+        if PREFIX_SIZE + hlen > len(raw):
+            raise ProtocolError(f"header length {hlen} runs past the end of its frame")
+        view = memoryview(raw)
+        header = view[PREFIX_SIZE : PREFIX_SIZE + hlen]
+        payload = view[PREFIX_SIZE + hlen :]
+        try:
+            if kind == _PACKET:
+                self._require_open(kind)
+                packet = _packet_header.decode(header)
+                if packet.flags & _CHUNKED:
+                    self._open_stream(packet, payload, events)
+                else:
+                    events.append(PacketReceived(packet, payload, raw))
+            elif kind == FrameKind.CHUNK:
+                self._require_open(kind)
+                self._receive_chunk(_chunk_header.decode(header).stream, payload, events)
+            elif kind == FrameKind.PING:
+                events.append(PingReceived())
+            elif kind == FrameKind.ACK:
+                self._require_open(kind)
+                events.append(AckReceived(_ack_header.decode(header).id))
+            elif kind == FrameKind.ERROR:
+                err = _error_header.decode(header)
+                events.append(ErrorReceived(err.ref, err.code, err.message))
+            elif kind == FrameKind.CLOSE:
+                close = _close_header.decode(header)
+                self.state = State.CLOSED
+                events.append(CloseReceived(close.code, close.reason))
+            elif kind in (FrameKind.JOIN, FrameKind.LEAVE):
+                self._require_open(kind)
+                if self.role is not Role.SERVICE:
+                    raise ProtocolError("only a client may send JOIN or LEAVE")
+                group = _group_header.decode(header)
+                events.append(GroupChange(group.id, group.group, kind == FrameKind.JOIN))
+            elif kind == FrameKind.HELLO:
+                if self.role is not Role.SERVICE or self.state is not State.HANDSHAKE:
+                    raise ProtocolError("HELLO is only valid as a client's first frame")
+                events.append(HelloReceived(_hello.decode(header)))
+            elif kind == FrameKind.WELCOME:
+                if self.role is not Role.CLIENT or self.state is not State.HANDSHAKE:
+                    raise ProtocolError("WELCOME is only valid as the service's first frame")
+                welcome = _welcome.decode(header)
+                self.state = State.OPEN
+                self.apply_limits(
+                    max_frame=welcome.max_frame,
+                    max_payload=welcome.max_payload,
+                    chunk_size=welcome.chunk_size,
+                )
+                events.append(WelcomeReceived(welcome))
+            else:
+                raise ProtocolError(f"unknown frame kind {kind}")
+        except msgspec.DecodeError as exc:
+            name = FrameKind(kind).name
+            raise ProtocolError(f"malformed {name} frame header: {exc}") from exc
+
+    def _require_open(self, kind: int) -> None:
+        if self.state is not State.OPEN:
+            raise ProtocolError(f"{FrameKind(kind).name} frame before the handshake completed")
+
+    def _open_stream(self, header: PacketHeader, payload: memoryview, events: list[Event]) -> None:
+        if payload:
+            raise ProtocolError("a CHUNKED PACKET frame must carry no payload")
+        if header.stream in self._in_streams:
+            raise ProtocolError(f"stream {header.stream} is already open")
+        if len(self._in_streams) >= MAX_OPEN_STREAMS:
+            raise ProtocolError(f"more than {MAX_OPEN_STREAMS} chunked packets in flight")
+        too_large = header.size > self.max_payload
+        if too_large:
+            events.append(OversizedPacket(header))
+        if header.size == 0:
+            events.append(PacketReceived(header, memoryview(b""), None))
+            return
+        self._in_streams[header.stream] = _InStream(header, discard=too_large)
+
+    def _receive_chunk(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
+        stream = self._in_streams.get(stream_id)
+        if stream is None:
+            raise ProtocolError(f"CHUNK for stream {stream_id}, which is not open")
+        stream.remaining -= len(payload)
+        if stream.remaining < 0:
+            raise ProtocolError(f"stream {stream_id} sent more than its {stream.header.size} bytes")
+        if not stream.discard:
+            stream.buffer += payload
+        if stream.remaining == 0:
+            del self._in_streams[stream_id]
+            if not stream.discard:
+                events.append(PacketReceived(stream.header, memoryview(stream.buffer), None))
+
+    # ------------------------------------------------------------------- send
+
+    def hello_frame(self, hello: Hello) -> bytes:
+        return frame(FrameKind.HELLO, _encoder.encode(hello))
+
+    def welcome_frame(self, welcome: Welcome) -> bytes:
+        self.state = State.OPEN
+        return frame(FrameKind.WELCOME, _encoder.encode(welcome))
+
+    def ping_frame(self) -> bytes:
+        return frame(FrameKind.PING, EMPTY_HEADER)
+
+    def ack_frame(self, packet_id: int) -> bytes:
+        return frame(FrameKind.ACK, _encoder.encode(AckHeader(packet_id)))
+
+    def error_frame(self, ref: int, code: int, message: str) -> bytes:
+        return frame(FrameKind.ERROR, _encoder.encode(ErrorHeader(ref, code, message[:4096])))
+
+    def group_frame(self, request_id: int, group: str, join: bool) -> bytes:
+        kind = FrameKind.JOIN if join else FrameKind.LEAVE
+        return frame(kind, _encoder.encode(GroupHeader(request_id, group)))
+
+    def close_frame(self, code: CloseCode, reason: str = "") -> bytes:
+        self.state = State.CLOSED
+        return frame(FrameKind.CLOSE, _encoder.encode(CloseHeader(int(code), reason[:1024])))
+
+    def send_packet(self, header: PacketHeader, payload: bytes | memoryview) -> bytes:
+        """Return the frame for a packet. A payload over ``chunk_size`` becomes an outgoing
+        stream: this returns only its announcing frame, and ``next_chunks`` yields the rest.
+        Raise PayloadTooLarge (nothing queued) when it is over ``max_payload``."""
+        size = len(payload)
+        if size > self.max_payload:
+            raise PayloadTooLarge(
+                f"payload of {size} bytes is over the maximum of {self.max_payload}"
+            )
+        if size <= self.chunk_size:
+            return frame(_PACKET, _encoder.encode(header), payload)
+        stream_id = self._next_stream
+        self._next_stream += 1
+        announce = PacketHeader(
+            header.id,
+            header.target,
+            header.dst,
+            header.src,
+            header.tag,
+            header.flags | _CHUNKED,
+            header.corr,
+            size,
+            stream_id,
+        )
+        self._out_streams.append(_OutStream(stream_id, payload))
+        return frame(_PACKET, _encoder.encode(announce))
+
+    @property
+    def has_chunks(self) -> bool:
+        return bool(self._out_streams)
+
+    def next_chunks(self, budget: int) -> list[bytes]:
+        """CHUNK frames worth about ``budget`` bytes, one chunk per stream in turn, so
+        several large packets share the connection fairly."""
+        frames: list[bytes] = []
+        streams = self._out_streams
+        while streams and budget > 0:
+            stream = streams.popleft()
+            end = min(stream.offset + self.chunk_size, len(stream.payload))
+            piece = stream.payload[stream.offset : end]
+            frames.append(frame(FrameKind.CHUNK, _encoder.encode(ChunkHeader(stream.id)), piece))
+            budget -= len(piece)
+            stream.offset = end
+            if end < len(stream.payload):
+                streams.append(stream)
+        return frames

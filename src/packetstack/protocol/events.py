@@ -1,0 +1,68 @@
+"""Events a Connection produces from received bytes."""
+
+from __future__ import annotations
+
+import msgspec
+
+from .frames import Hello, PacketHeader, Welcome
+
+
+class HelloReceived(msgspec.Struct, gc=False):
+    hello: Hello
+
+
+class WelcomeReceived(msgspec.Struct, gc=False):
+    welcome: Welcome
+
+
+class PacketReceived(msgspec.Struct, gc=False):
+    """A whole packet. ``frame`` is the exact frame when it arrived in one piece, so the
+    service can forward it without re-encoding; None when it was reassembled from chunks."""
+
+    header: PacketHeader
+    payload: memoryview
+    frame: bytes | None
+
+
+class OversizedPacket(msgspec.Struct, gc=False):
+    """A chunked packet announced a size over max_payload; its chunks will be discarded."""
+
+    header: PacketHeader
+
+
+class AckReceived(msgspec.Struct, gc=False):
+    id: int
+
+
+class ErrorReceived(msgspec.Struct, gc=False):
+    ref: int
+    code: int
+    message: str
+
+
+class PingReceived(msgspec.Struct, gc=False):
+    pass
+
+
+class CloseReceived(msgspec.Struct, gc=False):
+    code: int
+    reason: str
+
+
+class GroupChange(msgspec.Struct, gc=False):
+    id: int
+    group: str
+    join: bool
+
+
+Event = (
+    HelloReceived
+    | WelcomeReceived
+    | PacketReceived
+    | OversizedPacket
+    | AckReceived
+    | ErrorReceived
+    | PingReceived
+    | CloseReceived
+    | GroupChange
+)

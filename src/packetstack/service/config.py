@@ -1,0 +1,92 @@
+"""Service settings: defaults, a TOML file, PACKETSTACK_* environment variables, flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..errors import ConfigError
+from ..protocol.frames import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD
+from ..transport.endpoints import DEFAULT_PORT
+
+ENV_PREFIX = "PACKETSTACK_"
+
+
+class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Every service setting with its default. docs/CONFIGURATION.md describes each."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    unix_path: str | None = None
+    data_dir: str = "packetstack-data"
+    tokens: list[str] = []
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    heartbeat: float = 5.0
+    heartbeat_timeout: float = 15.0
+    handshake_timeout: float = 10.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    high_water: int = 1024 * 1024
+    low_water: int = 256 * 1024
+    request_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not between 0 and 65535")
+        if self.heartbeat <= 0 or self.heartbeat_timeout <= self.heartbeat:
+            problems.append("heartbeat must be > 0 and heartbeat_timeout > heartbeat")
+        if self.chunk_size < 1024 or self.chunk_size > self.max_frame - 1024:
+            problems.append("chunk_size must be at least 1024 and 1 KiB under max_frame")
+        if self.max_payload < self.chunk_size:
+            problems.append("max_payload must be at least chunk_size")
+        if self.low_water > self.high_water:
+            problems.append("low_water must not exceed high_water")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together: set both or neither")
+        if problems:
+            raise ConfigError("bad service settings: " + "; ".join(problems))
+
+
+def _fields() -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(ServiceConfig)}
+
+
+def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Settings named PACKETSTACK_<SETTING> (``PACKETSTACK_TOKENS`` is comma-separated)."""
+    environ = dict(os.environ if environ is None else environ)
+    found: dict[str, Any] = {}
+    for name in _fields():
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            found[name] = [t for t in value.split(",") if t] if name == "tokens" else value
+    return found
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> ServiceConfig:
+    """Defaults < TOML file (its ``[service]`` table or top level) < environment < overrides."""
+    merged: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+        merged.update(data.get("service", data))
+    merged.update(from_env(environ))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(merged, ServiceConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"bad service setting: {exc}") from exc

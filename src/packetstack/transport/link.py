@@ -1,0 +1,250 @@
+"""An asyncio.Protocol that moves frames for one sans-I/O Connection.
+
+It coalesces the frames written during one loop iteration into one socket write, pulls
+CHUNK frames of large packets between small frames, applies backpressure through
+pause_writing/resume_writing, and keeps the heartbeat timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from ..errors import CloseCode, ConnectionClosed, ProtocolError
+from ..protocol import Connection, Event
+
+log = logging.getLogger("packetstack.transport")
+
+DEFAULT_HIGH_WATER = 1024 * 1024
+DEFAULT_LOW_WATER = 256 * 1024
+
+
+class LinkOwner(Protocol):
+    """What a Link reports to: the client or the service session above it."""
+
+    def link_events(self, link: Link, events: list[Event]) -> None: ...
+
+    def link_lost(self, link: Link, error: BaseException | None) -> None: ...
+
+
+class Link(asyncio.Protocol):
+    """Frames in, frames out, for one connection."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        owner: LinkOwner,
+        *,
+        high_water: int = DEFAULT_HIGH_WATER,
+        low_water: int = DEFAULT_LOW_WATER,
+    ) -> None:
+        self.connection = connection
+        self.owner = owner
+        self.high_water = high_water
+        self.low_water = low_water
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.close_code: CloseCode | None = None
+        self.close_reason = ""
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_scheduled = False
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._resume_callbacks: list[Callable[[], None]] = []
+        self._received = False
+        self._sent = False
+        self._idle_beats = 0
+        self._beat_handle: asyncio.TimerHandle | None = None
+        self._beat_interval = 0.0
+        self._beat_limit = 0
+        self.closed_future: asyncio.Future[None] = self._loop.create_future()
+
+    # --------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
+
+    def data_received(self, data: bytes) -> None:
+        self._received = True
+        try:
+            events = self.connection.receive_data(data)
+        except ProtocolError as exc:
+            parsed: list[Event] = getattr(exc, "events", [])
+            if parsed:
+                self.owner.link_events(self, parsed)
+            log.warning("closing connection to %s: %s", self.peer, exc)
+            self.close(exc.close_code, str(exc))
+            return
+        if events:
+            self.owner.link_events(self, events)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if self._beat_handle is not None:
+            self._beat_handle.cancel()
+        self._pending.clear()
+        self._wake_drainers(
+            ConnectionClosed("connection lost", self.close_code or CloseCode.GOING_AWAY)
+        )
+        self._resume_all()
+        if not self.closed_future.done():
+            self.closed_future.set_result(None)
+        self.owner.link_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.connection.has_chunks:
+            self._schedule_flush()
+        if self._pending_bytes < self.high_water:
+            self._wake_drainers(None)
+            self._resume_all()
+
+    # ------------------------------------------------------------------ writing
+
+    @property
+    def peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        return str(self.transport.get_extra_info("peername") or "local socket")
+
+    @property
+    def writable(self) -> bool:
+        """False while the peer is not keeping up: the caller should hold back."""
+        return not self._paused and self._pending_bytes < self.high_water
+
+    def write(self, frame: bytes) -> None:
+        """Queue a frame; everything queued in this loop iteration goes out in one write."""
+        if self.closed:
+            return
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None:
+            return
+        pending = self._pending
+        if pending:
+            self._sent = True
+            if len(pending) == 1:
+                transport.write(pending[0])
+            else:
+                transport.write(b"".join(pending))
+            pending.clear()
+            self._pending_bytes = 0
+        connection = self.connection
+        if connection.has_chunks and not self._paused:
+            # One chunk per open stream, then yield: small frames queued meanwhile go first.
+            for chunk in connection.next_chunks(connection.chunk_size):
+                transport.write(chunk)
+            self._sent = True
+            if connection.has_chunks:
+                self._schedule_flush()
+        if not self._paused:
+            self._wake_drainers(None)
+            self._resume_all()
+
+    async def drain(self) -> None:
+        """Wait until the peer keeps up again (or raise ConnectionClosed)."""
+        if self.closed:
+            raise ConnectionClosed("connection is closed", self.close_code or CloseCode.NORMAL)
+        if self._paused or self._pending_bytes >= self.high_water:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _wake_drainers(self, error: BaseException | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this link is writable again (or closed)."""
+        self._resume_callbacks.append(callback)
+
+    def _resume_all(self) -> None:
+        if self._resume_callbacks:
+            callbacks, self._resume_callbacks = self._resume_callbacks, []
+            for callback in callbacks:
+                callback()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # ---------------------------------------------------------------- closing
+
+    def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send CLOSE with a reason code, flush, and close the socket."""
+        if self.closed or self.transport is None:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        self.write(self.connection.close_frame(code, reason))
+        self._flush()
+        self.closed = True
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -------------------------------------------------------------- heartbeat
+
+    def start_heartbeat(self, interval: float, timeout: float) -> None:
+        """PING when idle for ``interval``; close when nothing arrived for ``timeout``."""
+        self._beat_interval = interval
+        self._beat_limit = max(1, round(timeout / interval))
+        self._beat_handle = self._loop.call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        if self.closed:
+            return
+        if self._received:
+            self._received = False
+            self._idle_beats = 0
+        else:
+            self._idle_beats += 1
+            if self._idle_beats >= self._beat_limit:
+                log.warning("no traffic from %s within the heartbeat timeout", self.peer)
+                self.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                return
+        if not self._sent:
+            self.write(self.connection.ping_frame())
+        self._sent = False
+        self._beat_handle = self._loop.call_later(self._beat_interval, self._beat)
