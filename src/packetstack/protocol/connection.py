@@ -30,7 +30,6 @@ from .frames import (
     DEFAULT_MAX_PAYLOAD,
     EMPTY_HEADER,
     KIND_AND_HLEN,
-    LENGTH,
     MAX_HEADER,
     PREFIX,
     PREFIX_SIZE,
@@ -93,6 +92,13 @@ class _OutStream:
         self.offset = 0
 
 
+def _kind_name(kind: int) -> str:
+    try:
+        return FrameKind(kind).name
+    except ValueError:
+        return f"kind-{kind}"
+
+
 def frame(kind: int, header: bytes, payload: bytes | memoryview = b"") -> bytes:
     """Assemble one frame."""
     hlen = len(header)
@@ -144,18 +150,20 @@ class Connection:
         if self.state is State.CLOSED:
             return []
         events: list[Event] = []
-        buffer = self._buffer
-        if buffer:
-            buffer += data
-            source: bytes | bytearray | memoryview = buffer
+        # One bytes object to slice frames from: a leftover partial frame costs one
+        # concatenation per call, not one per frame.
+        if self._buffer:
+            source = bytes(self._buffer) + data
         else:
-            source = data
+            source = data if type(data) is bytes else bytes(data)
         total = len(source)
         pos = 0
         max_frame = self.max_frame
+        is_open = self.state is State.OPEN
+        decode_header = _packet_header.decode
         try:
             while total - pos >= PREFIX_SIZE:
-                (length,) = LENGTH.unpack_from(source, pos)
+                length, kind, hlen = PREFIX.unpack_from(source, pos)
                 if length > max_frame:
                     raise FrameTooLarge(
                         f"frame of {length} bytes is over the maximum of {max_frame}"
@@ -165,76 +173,80 @@ class Connection:
                 end = pos + 4 + length
                 if end > total:
                     break
-                raw = bytes(source[pos:end])
+                raw = source[pos:end]
                 pos = end
-                self._parse_frame(raw, events)
+                header_end = PREFIX_SIZE + hlen
+                if header_end > len(raw):
+                    raise ProtocolError(f"header length {hlen} runs past the end of its frame")
+                if kind == _PACKET and is_open:
+                    # The hot path: one small header decode, the payload stays a view.
+                    header = decode_header(raw[PREFIX_SIZE:header_end])
+                    if not header.flags & _CHUNKED:
+                        events.append(PacketReceived(header, memoryview(raw)[header_end:], raw))
+                        continue
+                    self._open_stream(header, memoryview(raw)[header_end:], events)
+                    continue
+                self._parse_frame(raw, kind, header_end, events)
+                is_open = self.state is State.OPEN
+        except msgspec.DecodeError as exc:
+            self.state = State.CLOSED
+            self._buffer = bytearray()
+            error = ProtocolError(f"malformed {_kind_name(kind)} frame header: {exc}")
+            error.events = events  # type: ignore[attr-defined]
+            raise error from exc
         except ProtocolError as exc:
             self.state = State.CLOSED
             self._buffer = bytearray()
             exc.events = events  # type: ignore[attr-defined]
             raise
-        if buffer:
-            del buffer[:pos]
-        elif pos < total:
-            self._buffer = bytearray(source[pos:])
+        self._buffer = bytearray(source[pos:]) if pos < total else bytearray()
         return events
 
-    def _parse_frame(self, raw: bytes, events: list[Event]) -> None:
-        _, kind, hlen = PREFIX.unpack_from(raw)
-        if PREFIX_SIZE + hlen > len(raw):
-            raise ProtocolError(f"header length {hlen} runs past the end of its frame")
+    def _parse_frame(self, raw: bytes, kind: int, header_end: int, events: list[Event]) -> None:
+        """Every frame but an open connection's PACKET frames."""
         view = memoryview(raw)
-        header = view[PREFIX_SIZE : PREFIX_SIZE + hlen]
-        payload = view[PREFIX_SIZE + hlen :]
-        try:
-            if kind == _PACKET:
-                self._require_open(kind)
-                packet = _packet_header.decode(header)
-                if packet.flags & _CHUNKED:
-                    self._open_stream(packet, payload, events)
-                else:
-                    events.append(PacketReceived(packet, payload, raw))
-            elif kind == FrameKind.CHUNK:
-                self._require_open(kind)
-                self._receive_chunk(_chunk_header.decode(header).stream, payload, events)
-            elif kind == FrameKind.PING:
-                events.append(PingReceived())
-            elif kind == FrameKind.ACK:
-                self._require_open(kind)
-                events.append(AckReceived(_ack_header.decode(header).id))
-            elif kind == FrameKind.ERROR:
-                err = _error_header.decode(header)
-                events.append(ErrorReceived(err.ref, err.code, err.message))
-            elif kind == FrameKind.CLOSE:
-                close = _close_header.decode(header)
-                self.state = State.CLOSED
-                events.append(CloseReceived(close.code, close.reason))
-            elif kind in (FrameKind.JOIN, FrameKind.LEAVE):
-                self._require_open(kind)
-                if self.role is not Role.SERVICE:
-                    raise ProtocolError("only a client may send JOIN or LEAVE")
-                group = _group_header.decode(header)
-                events.append(GroupChange(group.id, group.group, kind == FrameKind.JOIN))
-            elif kind == FrameKind.HELLO:
-                if self.role is not Role.SERVICE or self.state is not State.HANDSHAKE:
-                    raise ProtocolError("HELLO is only valid as a client's first frame")
-                events.append(HelloReceived(_hello.decode(header)))
-            elif kind == FrameKind.WELCOME:
-                if self.role is not Role.CLIENT or self.state is not State.HANDSHAKE:
-                    raise ProtocolError("WELCOME is only valid as the service's first frame")
-                welcome = _welcome.decode(header)
-                self.state = State.OPEN
-                self.apply_limits(
-                    max_frame=welcome.max_frame,
-                    max_payload=welcome.max_payload,
-                    chunk_size=welcome.chunk_size,
-                )
-                events.append(WelcomeReceived(welcome))
-            else:
-                raise ProtocolError(f"unknown frame kind {kind}")
-        except msgspec.DecodeError as exc:
-            name = FrameKind(kind).name
-            raise ProtocolError(f"malformed {name} frame header: {exc}") from exc
+        header = view[PREFIX_SIZE:header_end]
+        payload = view[header_end:]
+        if kind == _PACKET:
+            self._require_open(kind)
+        elif kind == FrameKind.CHUNK:
+            self._require_open(kind)
+            self._receive_chunk(_chunk_header.decode(header).stream, payload, events)
+        elif kind == FrameKind.PING:
+            events.append(PingReceived())
+        elif kind == FrameKind.ACK:
+            self._require_open(kind)
+            events.append(AckReceived(_ack_header.decode(header).id))
+        elif kind == FrameKind.ERROR:
+            err = _error_header.decode(header)
+            events.append(ErrorReceived(err.ref, err.code, err.message))
+        elif kind == FrameKind.CLOSE:
+            close = _close_header.decode(header)
+            self.state = State.CLOSED
+            events.append(CloseReceived(close.code, close.reason))
+        elif kind in (FrameKind.JOIN, FrameKind.LEAVE):
+            self._require_open(kind)
+            if self.role is not Role.SERVICE:
+                raise ProtocolError("only a client may send JOIN or LEAVE")
+            group = _group_header.decode(header)
+            events.append(GroupChange(group.id, group.group, kind == FrameKind.JOIN))
+        elif kind == FrameKind.HELLO:
+            if self.role is not Role.SERVICE or self.state is not State.HANDSHAKE:
+                raise ProtocolError("HELLO is only valid as a client's first frame")
+            events.append(HelloReceived(_hello.decode(header)))
+        elif kind == FrameKind.WELCOME:
+            if self.role is not Role.CLIENT or self.state is not State.HANDSHAKE:
+                raise ProtocolError("WELCOME is only valid as the service's first frame")
+            welcome = _welcome.decode(header)
+            self.state = State.OPEN
+            self.apply_limits(
+                max_frame=welcome.max_frame,
+                max_payload=welcome.max_payload,
+                chunk_size=welcome.chunk_size,
+            )
+            events.append(WelcomeReceived(welcome))
+        else:
+            raise ProtocolError(f"unknown frame kind {kind}")
 
     def _require_open(self, kind: int) -> None:
         if self.state is not State.OPEN:

@@ -88,7 +88,10 @@ class Service(Peer):
         self._tokens = [t.encode() for t in cfg.tokens]
         self.endings: dict[str, Session] = {}
         self.groups: dict[str, set[Session]] = {}
+        # Rare events by name (auth_failures, replaced, ...); hot counters are plain ints.
         self.stats: Counter[str] = Counter()
+        self.packets_in = 0
+        self.packets_out = 0
         self._links: set[Link] = set()
         self._sessions_by_link: dict[Link, Session] = {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -296,7 +299,7 @@ class Service(Peer):
             )
             return
         target = header.target
-        self.stats["packets_in"] += 1
+        self.packets_in += 1
         if target == _ENDING and header.dst != SERVICE_NAME:
             destination = self.endings.get(header.dst)
             if destination is None:
@@ -345,7 +348,7 @@ class Service(Peer):
             link.write(event.frame)
         else:
             link.write(link.connection.send_packet(event.header, event.payload))
-        self.stats["packets_out"] += 1
+        self.packets_out += 1
         if not link.writable:
             self._hold(source.link, destination)
 
