@@ -8,7 +8,6 @@ so a handler that awaits a request of its own never deadlocks its connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections import deque
@@ -130,10 +129,10 @@ class Dispatcher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            # The loop only ends by cancellation; whatever else it raised was logged.
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
         queue = self._queue
@@ -176,7 +175,12 @@ class Dispatcher:
         self.handled += 1
         if is_request:
             if isinstance(result, Packet):
-                self._send_reply(header, result, None)
+                try:
+                    self._send_reply(header, result, None)
+                except PayloadTooLarge as exc:
+                    self._fail(ctx, ErrorCode.PAYLOAD_TOO_LARGE, exc)
+                except ConnectionClosed as exc:
+                    log.warning("reply to %r from %r dropped: %s", header.tag, header.src, exc)
             else:
                 wrong = TypeError(
                     f"the handler for request {header.tag!r} returned "

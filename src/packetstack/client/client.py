@@ -130,6 +130,12 @@ class Client(Peer):
                 return
             except HandshakeRefused:
                 raise
+            except ssl.SSLError as exc:
+                # A certificate that does not verify will not verify on the next try either.
+                raise ConnectionFailed(
+                    f"TLS handshake with {self.endpoint} failed: {exc}; check the CA file "
+                    "(cafile=...) and that the certificate names this host"
+                ) from exc
             except (TimeoutError, OSError, ConnectionFailed) as exc:
                 delay = self._backoff(attempt)
                 attempt += 1
@@ -306,6 +312,7 @@ class Client(Peer):
             return
         if not self.reconnect or code in _FINAL:
             log.error("%s disconnected for good: %s", self.name, lost)
+            self._pending.fail_all(lost)  # no reply can reach a client that stays away
             return
         log.warning("%s lost its connection (%s); reconnecting", self.name, lost)
         self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())

@@ -78,12 +78,18 @@ def load(
     merged: dict[str, Any] = {}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-        merged.update(data.get("service", data))
+        section = data.get("service", data)
+        if not isinstance(section, dict):
+            raise ConfigError(
+                f"config file {str(path)!r}: 'service' must be a table ([service]), "
+                f"not a {type(section).__name__}"
+            )
+        merged.update(section)
     merged.update(from_env(environ))
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:

@@ -140,6 +140,8 @@ class Service(Peer):
         """Stop listening, say goodbye to every ending (GOING_AWAY) and wait for them."""
         for server in self._servers:
             server.close()
+        # Links asyncio never completed (failed TLS handshakes) have nothing to close.
+        self._links = {link for link in self._links if link.transport is not None}
         for link in list(self._links):
             link.close(CloseCode.GOING_AWAY, "service shutting down")
         waits = [link.closed_future for link in self._links]
@@ -172,6 +174,10 @@ class Service(Peer):
         return link
 
     def _check_handshake(self, link: Link) -> None:
+        if link.transport is None and not link.closed:
+            # asyncio never completed this connection (a failed TLS handshake).
+            self._links.discard(link)
+            return
         if not link.closed and link not in self._sessions_by_link:
             self.stats["handshake_timeouts"] += 1
             link.close(CloseCode.HANDSHAKE_TIMEOUT, "no HELLO within the handshake timeout")
@@ -219,12 +225,7 @@ class Service(Peer):
         session.held_sources.clear()
         if self.endings.get(session.name) is session:
             del self.endings[session.name]
-            for group in session.groups:
-                members = self.groups.get(group)
-                if members is not None:
-                    members.discard(session)
-                    if not members:
-                        del self.groups[group]
+            self._leave_groups(session)
         asyncio.get_running_loop().create_task(session.dispatcher.stop())
         log.info("ending %r left (%s)", session.name, link.close_reason or error or "closed")
 
@@ -256,8 +257,7 @@ class Service(Peer):
             self._sessions_by_link.pop(previous.link, None)
             previous.link.close(CloseCode.REPLACED, "replaced by a newer connection")
             asyncio.get_running_loop().create_task(previous.dispatcher.stop())
-            for group in previous.groups:
-                self.groups.get(group, set()).discard(previous)
+            self._leave_groups(previous)
         session = Session(hello.name, link, Dispatcher(self._handlers, self._reply_sender(link)))
         self.endings[hello.name] = session
         self._sessions_by_link[link] = session
@@ -379,12 +379,19 @@ class Service(Peer):
             self.groups.setdefault(event.group, set()).add(session)
         else:
             session.groups.discard(event.group)
-            members = self.groups.get(event.group)
-            if members is not None:
-                members.discard(session)
-                if not members:
-                    del self.groups[event.group]
+            self._remove_member(event.group, session)
         link.write(link.connection.ack_frame(event.id))
+
+    def _leave_groups(self, session: Session) -> None:
+        for group in session.groups:
+            self._remove_member(group, session)
+
+    def _remove_member(self, group: str, session: Session) -> None:
+        members = self.groups.get(group)
+        if members is not None:
+            members.discard(session)
+            if not members:
+                del self.groups[group]
 
     # ------------------------------------------------- the service's own sends
 

@@ -1,0 +1,483 @@
+"""Pieces every system's driver shares: plans, receipt counting, request loops, statistics,
+hub subprocesses and machine information.
+
+Every system is measured by the same harness: ``drive_requests`` times each request the
+same way for PacketStack, the raw relay and nats-py, and ``Receipts`` counts one-way
+deliveries the same way on every consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import gc
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BODY_SIZE = 64  # bytes of packet body for every system and scenario
+HIGH_WATER = 1024 * 1024  # write-buffer limits: the PacketStack defaults, used everywhere
+LOW_WATER = 256 * 1024
+REQUEST_TIMEOUT = 10.0
+
+perf_counter = time.perf_counter
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much one measurement does."""
+
+    one_way: int = 200_000  # packets sent by the producer
+    one_way_warmup: int = 10_000
+    rr1: int = 20_000  # sequential requests
+    rr100: int = 100_000  # requests with 100 outstanding
+    rr_warmup: int = 1_000
+    outstanding: int = 100
+    timebox: float = 10.0  # seconds: a measured phase stops sending after this long
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            one_way=3_000,
+            one_way_warmup=300,
+            rr1=300,
+            rr100=3_000,
+            rr_warmup=100,
+            timebox=3.0,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------- CPU meter
+
+# The hub process whose CPU time a measurement reports: set by the suite before each one.
+hub_pid: int | None = None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time of every thread of ``pid`` (ns resolution from schedstat), None if unknown."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as stat:
+                total += int(stat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
+def find_pid(comm: str) -> int | None:
+    """The first process whose name is ``comm`` (for the NATS server), or None."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", encoding="utf-8") as name:
+                    if name.read().strip() == comm:
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+class CpuMeter:
+    """CPU seconds this (client) process and the hub spend during a measured phase."""
+
+    def __init__(self) -> None:
+        self.pid = hub_pid
+        self.wall = perf_counter()
+        self.client = time.process_time()
+        self.hub = process_cpu_seconds(self.pid) if self.pid else None
+
+    def stop(self, messages: int) -> dict[str, float | None]:
+        wall = perf_counter() - self.wall
+        client = time.process_time() - self.client
+        hub_now = process_cpu_seconds(self.pid) if self.pid else None
+        hub = hub_now - self.hub if hub_now is not None and self.hub is not None else None
+        per = 1e6 / messages if messages else None
+        return {
+            "client_cpu_s": client,
+            "hub_cpu_s": hub,
+            "client_cpu_pct": 100 * client / wall if wall > 0 else None,
+            "hub_cpu_pct": 100 * hub / wall if hub is not None and wall > 0 else None,
+            "client_cpu_us_per_msg": client * per if per else None,
+            "hub_cpu_us_per_msg": hub * per if per and hub is not None else None,
+        }
+
+
+# --------------------------------------------------------------------- one-way receipts
+
+
+class Receipts:
+    """Counts deliveries at a consumer; done once ``expected`` have arrived."""
+
+    __slots__ = ("count", "done", "expected", "first", "last")
+
+    def __init__(self, expected: int) -> None:
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.expected = expected
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def hit(self) -> None:
+        now = perf_counter()
+        if not self.count:
+            self.first = now
+        self.count += 1
+        self.last = now
+        if self.count >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+    def expect(self, expected: int) -> None:
+        """The producer stopped early (time-box): ``expected`` is what it really sent."""
+        self.expected = expected
+        if self.count >= expected and not self.done.done():
+            self.done.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:
+        """True when every expected packet arrived within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def one_way_result(
+    receipts: Receipts, sent: int, send_elapsed: float, meter: CpuMeter
+) -> dict[str, Any]:
+    """Delivered packets per second at the consumer, first to last receipt."""
+    span = receipts.last - receipts.first
+    count = receipts.count
+    rate = (count - 1) / span if count > 1 and span > 0 else 0.0
+    return {
+        "rate": rate,
+        "count": count,
+        "sent": sent,
+        "lost": sent - count,
+        "elapsed": span,
+        "send_elapsed": send_elapsed,
+        "p50_us": None,
+        "p99_us": None,
+        **meter.stop(count),
+    }
+
+
+async def produce(
+    send: Callable[[int], Awaitable[None]] | None,
+    count: int,
+    timebox: float,
+    send_sync: Callable[[int], bool] | None = None,
+    drain: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[int, float]:
+    """Send up to ``count`` packets, stopping early after ``timebox`` seconds.
+
+    Either ``send(i)`` (awaited each time) or ``send_sync(i)`` (returns True when the
+    caller must ``await drain()`` before going on). Returns (sent, seconds)."""
+    start = perf_counter()
+    deadline = start + timebox
+    sent = 0
+    while sent < count:
+        stop = min(count, sent + 1024)
+        if send is not None:
+            for i in range(sent, stop):
+                await send(i)
+        else:
+            assert send_sync is not None and drain is not None
+            for i in range(sent, stop):
+                if send_sync(i):
+                    await drain()
+        sent = stop
+        if perf_counter() > deadline:
+            break
+    return sent, perf_counter() - start
+
+
+# ------------------------------------------------------------------- request loops
+
+
+async def drive_requests(
+    request: Callable[[], Awaitable[Any]], total: int, outstanding: int, timebox: float
+) -> dict[str, Any]:
+    """Run ``outstanding`` tasks issuing requests back to back until ``total`` were
+    issued or ``timebox`` seconds passed. Each request's latency is timed on its own."""
+    latencies: list[float] = []
+    record = latencies.append
+    issued = 0
+    start = perf_counter()
+    deadline = start + timebox
+    stop_at = [0.0]
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < total:
+            issued += 1
+            t0 = perf_counter()
+            await request()
+            t1 = perf_counter()
+            record(t1 - t0)
+            if t1 > deadline:
+                issued = total  # time-box: every worker stops after its current request
+            stop_at[0] = t1
+
+    meter = CpuMeter()
+    tasks = [asyncio.ensure_future(worker()) for _ in range(min(outstanding, total))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    elapsed = stop_at[0] - start
+    count = len(latencies)
+    return {
+        "rate": count / elapsed if elapsed > 0 else 0.0,
+        "count": count,
+        "elapsed": elapsed,
+        "outstanding": outstanding,
+        **latency_summary(latencies),
+        **meter.stop(count),
+    }
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def latency_summary(latencies: list[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50_us": None, "p99_us": None, "mean_us": None, "max_us": None}
+    ordered = sorted(latencies)
+    return {
+        "p50_us": percentile(ordered, 0.50) * 1e6,
+        "p99_us": percentile(ordered, 0.99) * 1e6,
+        "mean_us": sum(ordered) / len(ordered) * 1e6,
+        "max_us": ordered[-1] * 1e6,
+    }
+
+
+def median(values: list[float]) -> float | None:
+    clean = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not clean:
+        return None
+    mid = len(clean) // 2
+    if len(clean) % 2:
+        return clean[mid]
+    return (clean[mid - 1] + clean[mid]) / 2
+
+
+# ---------------------------------------------------------------- event loop per run
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run one measurement on a fresh uvloop event loop (asyncio's when uvloop is missing),
+    after a full garbage collection so one run's garbage does not land in the next."""
+    gc.collect()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a PacketStack dependency on Linux
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+# -------------------------------------------------------------------- hub processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def python_env() -> dict[str, str]:
+    """The environment for bench subprocesses: this repository importable as ``bench``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@dataclass
+class Hub:
+    """A hub (PacketStack service or raw relay) running as its own process."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"ps://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=python_env(),
+            cwd=str(ROOT),
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the {self.name} hub exited with {self.process.returncode} before "
+                    f"listening on port {self.port}:\n{self.log_tail()}"
+                )
+            if port_open("127.0.0.1", self.port, 0.5):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the {self.name} hub did not listen on port {self.port} in time")
+
+    def log_tail(self, limit: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def hub_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="packetstack-bench-") as tmp:
+        yield Path(tmp)
+
+
+def packetstack_hub(workdir: Path, port: int | None = None) -> Hub:
+    port = port or free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "packetstack.cli",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(workdir / "ps-data"),
+    ]
+    return Hub("packetstack", argv, port, workdir / "packetstack-hub.log")
+
+
+def raw_hub(workdir: Path, port: int | None = None) -> Hub:
+    port = port or free_port()
+    argv = [sys.executable, "-m", "bench.relay", "--port", str(port)]
+    return Hub("raw", argv, port, workdir / "raw-hub.log")
+
+
+# ------------------------------------------------------------------ machine details
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def git_src_dirty() -> bool | None:
+    """True when src/ has uncommitted changes: the figures are not of git_commit alone."""
+    status = _git("status", "--porcelain", "--", "src")
+    return None if status is None else bool(status)
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "uvloop": _version("uvloop"),
+        "msgspec": _version("msgspec"),
+        "nats_py": _version("nats-py"),
+        "packetstack": _version("packetstack"),
+        "git_commit": git_commit(),
+        "git_src_dirty": git_src_dirty(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "loadavg_start": load,
+    }

@@ -1,0 +1,548 @@
+"""The benchmark suite: every scenario for every system in one run, medians, ratios, targets.
+
+``python3 -m bench [--runs N] [--quick] [--only NAMES] [--json PATH]``; in-process,
+``bench.main(argv)`` does the same and returns the exit status, ``bench.run(options)``
+returns the report without printing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import common, sys_nats, sys_packetstack, sys_raw
+from .common import (
+    BODY_SIZE,
+    Hub,
+    Plan,
+    find_pid,
+    hub_dir,
+    machine_info,
+    median,
+    packetstack_hub,
+    raw_hub,
+    run_loop,
+)
+
+SCHEMA = "packetstack-bench/1"
+MEDIAN_KEYS = (
+    "rate",
+    "p50_us",
+    "p99_us",
+    "mean_us",
+    "client_cpu_us_per_msg",
+    "hub_cpu_us_per_msg",
+    "client_cpu_pct",
+    "hub_cpu_pct",
+)
+
+SCENARIOS: dict[str, str] = {
+    "one-way": "producer -> hub -> consumer, 64-byte bodies, delivered packets/s at the consumer",
+    "req-1": "request/reply through the hub, 1 outstanding (sequential)",
+    "req-100": "request/reply through the hub, 100 outstanding (100 concurrent requesters)",
+}
+SYSTEMS: dict[str, str] = {
+    "packetstack": "PacketStack Client -> `packetstack serve` (own process, uvloop)",
+    "raw": "raw asyncio.Protocol clients -> raw relay with the same framing (own process, uvloop)",
+    "nats": "nats-py clients (uvloop) -> nats-server on 127.0.0.1:4222",
+}
+
+# What the issue asks of PacketStack: (name, scenario, measure, against, op, threshold, text)
+TARGETS: list[tuple[str, str, str, str, str, float, str]] = [
+    ("one_way_vs_nats", "one-way", "rate", "nats", ">=", 2.0, "one-way rate >= 2x nats-py"),
+    ("one_way_vs_raw", "one-way", "rate", "raw", ">=", 0.5, "one-way rate >= 50% of the raw relay"),
+    (
+        "req100_vs_nats",
+        "req-100",
+        "rate",
+        "nats",
+        ">=",
+        4.0,
+        "request/reply rate with 100 outstanding >= 4x nats-py",
+    ),
+    (
+        "req1_p50_vs_raw",
+        "req-1",
+        "p50_us",
+        "raw",
+        "<=",
+        1.3,
+        "p50 latency with 1 outstanding <= 1.3x the raw relay",
+    ),
+]
+
+
+@dataclass
+class Options:
+    runs: int = 3
+    quick: bool = False
+    only: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    json_path: str | None = None
+    timebox: float | None = None
+    nats_url: str = sys_nats.NATS_URL
+    check: bool = False
+    quiet: bool = False
+
+    @property
+    def plan(self) -> Plan:
+        plan = Plan.quick() if self.quick else Plan()
+        if self.timebox is not None:
+            plan = replace(plan, timebox=self.timebox)
+        return plan
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+def _driver(
+    system: str, scenario: str, address: str, plan: Plan
+) -> Callable[[], Coroutine[Any, Any, dict[str, Any]]]:
+    module = {"packetstack": sys_packetstack, "raw": sys_raw, "nats": sys_nats}[system]
+    target: Any = int(address) if system == "raw" else address
+    if scenario == "one-way":
+        return lambda: module.one_way(target, plan)
+    outstanding = 1 if scenario == "req-1" else plan.outstanding
+    return lambda: module.request_reply(target, plan, outstanding)
+
+
+def measure(
+    system: str, scenario: str, address: str, plan: Plan, hub_pid: int | None = None
+) -> dict[str, Any]:
+    """One measurement on a fresh event loop, bounded in time as a whole. ``hub_pid``:
+    the hub process whose CPU time the result reports."""
+    common.hub_pid = hub_pid
+    make = _driver(system, scenario, address, plan)
+    limit = plan.timebox * 2 + 120
+
+    async def bounded() -> dict[str, Any]:
+        return await asyncio.wait_for(make(), limit)
+
+    started = time.perf_counter()
+    result = run_loop(bounded())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _log(options: Options, message: str) -> None:
+    if not options.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run(options: Options) -> dict[str, Any]:
+    """Measure every selected scenario for every selected system ``options.runs`` times."""
+    unknown = [s for s in options.only if s not in SCENARIOS]
+    unknown += [s for s in options.systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown scenario or system {unknown}; scenarios: {list(SCENARIOS)}")
+    if options.runs < 1:
+        raise ValueError("--runs must be at least 1")
+    plan = options.plan
+    scenarios = [s for s in SCENARIOS if s in options.only]
+    systems = [s for s in SYSTEMS if s in options.systems]
+    machine = machine_info()
+    began = time.perf_counter()
+    raw_runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        sc: {sy: [] for sy in systems} for sc in scenarios
+    }
+    hubs: dict[str, Hub] = {}
+    addresses: dict[str, str] = {}
+    hub_pids: dict[str, int | None] = {}
+    with hub_dir() as workdir:
+        try:
+            if "packetstack" in systems:
+                hubs["packetstack"] = packetstack_hub(workdir)
+            if "raw" in systems:
+                hubs["raw"] = raw_hub(workdir)
+            for name, hub in hubs.items():
+                hub.start()
+                addresses[name] = hub.url if name == "packetstack" else str(hub.port)
+                _log(
+                    options,
+                    f"hub {name}: pid {hub.process.pid if hub.process else '?'}, port {hub.port}",
+                )
+            if "nats" in systems:
+                addresses["nats"] = options.nats_url
+                hub_pids["nats"] = find_pid("nats-server")  # None when it runs elsewhere
+                try:
+                    machine["nats_server"] = run_loop(sys_nats.server_version(options.nats_url))
+                except Exception as exc:  # measured below anyway: each run records the error
+                    machine["nats_server"] = None
+                    _log(options, f"NATS at {options.nats_url} is not usable: {exc!r}")
+            for index in range(options.runs):
+                for scenario in scenarios:
+                    # Rotate the order each run so slow drift on a shared machine spreads evenly.
+                    order = systems[index % len(systems) :] + systems[: index % len(systems)]
+                    for system in order:
+                        own = hubs.get(system)
+                        if own is not None and not own.alive():
+                            _log(options, f"hub {system} died; restarting:\n{own.log_tail()}")
+                            own.start()
+                        if own is not None and own.process is not None:
+                            hub_pids[system] = own.process.pid
+                        try:
+                            result = measure(
+                                system, scenario, addresses[system], plan, hub_pids.get(system)
+                            )
+                        except Exception as exc:
+                            result = {"error": f"{type(exc).__name__}: {exc}", "rate": None}
+                        result["run"] = index + 1
+                        raw_runs[scenario][system].append(result)
+                        _log(options, _progress(index + 1, options.runs, scenario, system, result))
+        finally:
+            for hub in hubs.values():
+                hub.stop()
+    try:
+        machine["loadavg_end"] = list(os.getloadavg())
+    except OSError:
+        machine["loadavg_end"] = None
+    report = _report(options, plan, machine, raw_runs)
+    report["duration_s"] = round(time.perf_counter() - began, 1)
+    return report
+
+
+def _progress(index: int, runs: int, scenario: str, system: str, result: dict[str, Any]) -> str:
+    head = f"run {index}/{runs} {scenario:<8} {system:<12}"
+    if result.get("error"):
+        return f"{head} ERROR {result['error']}"
+    text = f"{head} {result['rate']:>12,.0f} msg/s"
+    if result.get("p50_us") is not None:
+        text += f"  p50 {result['p50_us']:8.1f} µs  p99 {result['p99_us']:8.1f} µs"
+    if result.get("lost"):
+        text += f"  LOST {result['lost']}"
+    return text
+
+
+# ------------------------------------------------------------------------- reporting
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _wire_bytes() -> dict[str, int]:
+    """Bytes one 64-byte-body packet takes on the wire from the sender, per system."""
+    from packetstack.codec import encode
+    from packetstack.protocol import Connection, PacketHeader, Role
+
+    header = PacketHeader(123456, 0, "bench-consumer", "bench-producer", "bench.blob")
+    ps = Connection(Role.CLIENT).send_packet(
+        header, encode(sys_packetstack.Blob(sys_packetstack.BLOB_DATA))
+    )
+    subject = "bench.0123456789abcdef0123456789abcdef.oneway"
+    nats_pub = f"PUB {subject} {BODY_SIZE}\r\n".encode() + sys_nats.PAYLOAD + b"\r\n"
+    return {"packetstack": len(ps), "raw": 16 + BODY_SIZE, "nats": len(nats_pub)}
+
+
+def _report(
+    options: Options,
+    plan: Plan,
+    machine: dict[str, Any],
+    raw_runs: dict[str, dict[str, list[dict[str, Any]]]],
+) -> dict[str, Any]:
+    scenarios: dict[str, Any] = {}
+    table: list[dict[str, Any]] = []
+    for scenario, by_system in raw_runs.items():
+        medians: dict[str, dict[str, float | None]] = {}
+        for system, runs in by_system.items():
+            good = [r for r in runs if not r.get("error")]
+            medians[system] = {
+                key: median([r[key] for r in good if r.get(key) is not None]) for key in MEDIAN_KEYS
+            }
+        systems: dict[str, Any] = {}
+        for system, runs in by_system.items():
+            med = medians[system]
+            entry = {
+                "runs": runs,
+                "errors": sum(1 for r in runs if r.get("error")),
+                "median": med,
+                "ratio_vs_raw": _ratio(med["rate"], medians.get("raw", {}).get("rate")),
+                "ratio_vs_nats": _ratio(med["rate"], medians.get("nats", {}).get("rate")),
+                "p50_ratio_vs_raw": _ratio(med["p50_us"], medians.get("raw", {}).get("p50_us")),
+            }
+            systems[system] = entry
+            table.append(
+                {
+                    "scenario": scenario,
+                    "system": system,
+                    "rate": med["rate"],
+                    "p50_us": med["p50_us"],
+                    "p99_us": med["p99_us"],
+                    "ratio_vs_raw": entry["ratio_vs_raw"],
+                    "ratio_vs_nats": entry["ratio_vs_nats"],
+                }
+            )
+        scenarios[scenario] = {"description": SCENARIOS[scenario], "systems": systems}
+    targets = []
+    for name, scenario, key, against, op, threshold, text in TARGETS:
+        ours = scenarios.get(scenario, {}).get("systems", {}).get("packetstack")
+        theirs = scenarios.get(scenario, {}).get("systems", {}).get(against)
+        value = None
+        if ours is not None and theirs is not None:
+            value = _ratio(ours["median"][key], theirs["median"][key])
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        targets.append(
+            {
+                "name": name,
+                "description": text,
+                "scenario": scenario,
+                "measure": key,
+                "against": against,
+                "op": op,
+                "threshold": threshold,
+                "value": value,
+                "met": met,
+            }
+        )
+    return {
+        "schema": SCHEMA,
+        "command": "python3 -m bench " + " ".join(_argv_of(options)),
+        "options": {
+            "runs": options.runs,
+            "quick": options.quick,
+            "only": [s for s in SCENARIOS if s in options.only],
+            "systems": [s for s in SYSTEMS if s in options.systems],
+            "nats_url": options.nats_url,
+            "plan": plan.as_dict(),
+            "body_bytes": BODY_SIZE,
+        },
+        "machine": machine,
+        "systems": SYSTEMS,
+        "wire_bytes_per_packet": _wire_bytes(),
+        "scenarios": scenarios,
+        "table": table,
+        "targets": targets,
+    }
+
+
+def _argv_of(options: Options) -> list[str]:
+    argv = ["--runs", str(options.runs)]
+    if options.quick:
+        argv.append("--quick")
+    if set(options.only) != set(SCENARIOS):
+        argv += ["--only", ",".join(options.only)]
+    if set(options.systems) != set(SYSTEMS):
+        argv += ["--systems", ",".join(options.systems)]
+    if options.timebox is not None:
+        argv += ["--timebox", str(options.timebox)]
+    if options.json_path:
+        argv += ["--json", options.json_path]
+    return argv
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = (
+        "scenario",
+        "system",
+        "rate (msg/s)",
+        "p50 µs",
+        "p99 µs",
+        "ratio vs raw",
+        "ratio vs nats",
+    )
+    rows = [
+        (
+            row["scenario"],
+            row["system"],
+            _fmt(row["rate"], ",.0f"),
+            _fmt(row["p50_us"], ",.1f"),
+            _fmt(row["p99_us"], ",.1f"),
+            _fmt(row["ratio_vs_raw"], ".2f", "x"),
+            _fmt(row["ratio_vs_nats"], ".2f", "x"),
+        )
+        for row in report["table"]
+    ]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    out = [line(head), "  ".join("-" * w for w in widths)]
+    previous = None
+    for row in rows:
+        if previous is not None and row[0] != previous:
+            out.append("")
+        out.append(line(row))
+        previous = row[0]
+    return "\n".join(out)
+
+
+def format_cpu(report: dict[str, Any]) -> str:
+    """Where the CPU goes: per delivered message/request, in the client process and the hub."""
+    head = ("scenario", "system", "client µs/msg", "hub µs/msg", "client CPU", "hub CPU")
+    rows = []
+    for scenario, entry in report["scenarios"].items():
+        for system, data in entry["systems"].items():
+            med = data["median"]
+            rows.append(
+                (
+                    scenario,
+                    system,
+                    _fmt(med.get("client_cpu_us_per_msg"), ".2f"),
+                    _fmt(med.get("hub_cpu_us_per_msg"), ".2f"),
+                    _fmt(med.get("client_cpu_pct"), ".0f", "%"),
+                    _fmt(med.get("hub_cpu_pct"), ".0f", "%"),
+                )
+            )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    out = ["CPU per message (median; 100% = one core busy for the whole measured phase):"]
+    for cells in [head, *rows]:
+        out.append(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
+    return "\n".join(out)
+
+
+def format_targets(report: dict[str, Any]) -> str:
+    out = ["Targets (PacketStack, from the issue):"]
+    for t in report["targets"]:
+        if t["met"] is None:
+            verdict, value = "NOT MEASURED", "-"
+        else:
+            verdict = "met" if t["met"] else "NOT MET"
+            value = f"{t['value']:.2f}x"
+        out.append(
+            f"  [{verdict:^12}] {t['description']}: {value} (needs {t['op']} {t['threshold']:g}x)"
+        )
+    return "\n".join(out)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    runs = report["options"]["runs"]
+    lines = [
+        f"PacketStack benchmark: median of {runs} run{'s' if runs != 1 else ''}"
+        + (
+            " (--quick: smoke-test counts, figures mean nothing)"
+            if report["options"]["quick"]
+            else ""
+        ),
+        f"{m['cpu_model']} x{m['cpu_count']}, {m['platform']}, Python {m['python']}, "
+        f"uvloop {m['uvloop']}, nats-server {m.get('nats_server') or '?'}, {m['date']}",
+        "",
+        format_table(report),
+        "",
+        format_cpu(report),
+        "",
+        format_targets(report),
+    ]
+    errors = [
+        f"  {sc} / {sy}: {r['error']}"
+        for sc, entry in report["scenarios"].items()
+        for sy, data in entry["systems"].items()
+        for r in data["runs"]
+        if r.get("error")
+    ]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _names(values: list[str] | None, default: list[str]) -> list[str]:
+    if not values:
+        return list(default)
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m bench",
+        description="PacketStack against a raw asyncio relay and nats-py, in the same run.",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="repeat each scenario N times and report the median [3]"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAMES",
+        help=f"comma-separated scenarios to run: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--systems",
+        action="append",
+        metavar="NAMES",
+        help=f"comma-separated systems to run: {', '.join(SYSTEMS)}",
+    )
+    parser.add_argument(
+        "--json",
+        dest="json_path",
+        metavar="PATH",
+        help="write every figure, the medians and the machine to PATH",
+    )
+    parser.add_argument(
+        "--timebox", type=float, help="seconds a measured phase may send for [10, --quick: 3]"
+    )
+    parser.add_argument("--nats-url", default=sys_nats.NATS_URL)
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    return Options(
+        runs=args.runs,
+        quick=args.quick,
+        only=_names(args.only, list(SCENARIOS)),
+        systems=_names(args.systems, list(SYSTEMS)),
+        json_path=args.json_path,
+        timebox=args.timebox,
+        nats_url=args.nats_url,
+        check=args.check,
+        quiet=args.quiet,
+    )
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite as the command line would; return the exit status."""
+    try:
+        options = parse_args(argv)
+        report = run(options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report), flush=True)
+    if options.json_path:
+        write_json(report, options.json_path)
+        print(f"\nwrote {options.json_path}")
+    failed_runs = sum(
+        data["errors"]
+        for entry in report["scenarios"].values()
+        for data in entry["systems"].values()
+    )
+    if failed_runs:
+        return 1
+    if options.check and any(t["met"] is False for t in report["targets"]):
+        return 1
+    return 0
+
+
+__all__ = ["SCENARIOS", "SYSTEMS", "Options", "format_report", "main", "parse_args", "run"]

@@ -1,0 +1,390 @@
+"""Heartbeats and handshake timeouts: peers that go silent, never say HELLO, or whose
+process is frozen are dropped in bounded time; live but idle peers are kept."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from packetstack import Client, Packet, Service, UnknownDestination
+from packetstack.errors import CloseCode, ProtocolError
+from packetstack.protocol import (
+    CloseReceived,
+    Connection,
+    Event,
+    Hello,
+    PingReceived,
+    Role,
+    WelcomeReceived,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+HEARTBEAT = 0.2
+HEARTBEAT_TIMEOUT = 0.6
+HANDSHAKE_TIMEOUT = 0.5
+
+
+class HbWork(Packet):
+    packet_tag: ClassVar[str] = "tests.transport.heartbeat.Work"
+    n: int
+
+
+class HbDone(Packet):
+    packet_tag: ClassVar[str] = "tests.transport.heartbeat.Done"
+    n: int
+    pid: int
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from typing import ClassVar
+    from packetstack import Client, Context, Packet
+
+    class HbWork(Packet):
+        packet_tag: ClassVar[str] = "tests.transport.heartbeat.Work"
+        n: int
+
+    class HbDone(Packet):
+        packet_tag: ClassVar[str] = "tests.transport.heartbeat.Done"
+        n: int
+        pid: int
+
+    async def main(url: str, name: str) -> None:
+        client = Client(name, url, backoff_max=0.2)
+
+        @client.on(HbWork)
+        async def work(packet: HbWork, ctx: Context) -> HbDone:
+            return HbDone(packet.n * 2, os.getpid())
+
+        await client.connect()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+class RawPeer(asyncio.Protocol):
+    """A hand-driven socket that parses what it reads as a client would."""
+
+    def __init__(self) -> None:
+        self.parser = Connection(Role.CLIENT)
+        self.transport: asyncio.Transport | None = None
+        self.events: list[Event] = []
+        self.parse_error: ProtocolError | None = None
+        self.changed = asyncio.Event()
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.events.extend(self.parser.receive_data(data))
+        except ProtocolError as exc:
+            self.parse_error = exc
+        self.changed.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.changed.set()
+
+    def send(self, frame: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(frame)
+
+    def closes(self) -> list[CloseReceived]:
+        return [e for e in self.events if type(e) is CloseReceived]
+
+    async def welcomed(self, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not any(type(e) is WelcomeReceived for e in self.events):
+                assert not self.lost.done(), f"closed before WELCOME: {self.events}"
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def open_raw(port: int) -> RawPeer:
+    loop = asyncio.get_running_loop()
+    _, peer = await asyncio.wait_for(loop.create_connection(RawPeer, "127.0.0.1", port), 5)
+    return peer
+
+
+def close_raw(peer: RawPeer) -> None:
+    if peer.transport is not None:
+        peer.transport.abort()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait for ``predicate``; return the seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not predicate():
+        if loop.time() - start > timeout:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKETSTACK_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+async def hb_service(tmp_path: Path) -> AsyncIterator[Service]:
+    async with Service(
+        "127.0.0.1",
+        0,
+        data_dir=tmp_path / "data",
+        heartbeat=HEARTBEAT,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        handshake_timeout=HANDSHAKE_TIMEOUT,
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Child processes to clean up: resumed if stopped, then killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+# -------------------------------------------------- silent after handshake
+
+
+async def test_silent_raw_ending_is_dropped_with_heartbeat_timeout(hb_service: Service) -> None:
+    service = hb_service
+    peer = await open_raw(service.port)
+    try:
+        peer.send(peer.parser.hello_frame(Hello(1, "silent")))
+        await peer.welcomed()
+        assert "silent" in service.endings
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        exc = await asyncio.wait_for(asyncio.shield(peer.lost), 3.0)
+        elapsed = loop.time() - start
+        assert exc is None or isinstance(exc, ConnectionResetError)
+        # Dropped no earlier than the timeout allows and well within ~1-2 s.
+        assert HEARTBEAT_TIMEOUT - HEARTBEAT - 0.05 <= elapsed <= 2.0, elapsed
+        assert "silent" not in service.endings
+        assert peer.parse_error is None
+        # It was pinged first, and the last thing it read was CLOSE(HEARTBEAT_TIMEOUT).
+        assert any(type(e) is PingReceived for e in peer.events)
+        assert type(peer.events[-1]) is CloseReceived
+        assert [c.code for c in peer.closes()] == [CloseCode.HEARTBEAT_TIMEOUT]
+    finally:
+        close_raw(peer)
+
+
+async def test_raw_ending_that_only_pings_is_kept(hb_service: Service) -> None:
+    service = hb_service
+    peer = await open_raw(service.port)
+    try:
+        peer.send(peer.parser.hello_frame(Hello(1, "pinger")))
+        await peer.welcomed()
+        for _ in range(20):  # 2 s, more than three heartbeat timeouts
+            peer.send(peer.parser.ping_frame())
+            await asyncio.sleep(0.1)
+        assert not peer.lost.done()
+        assert "pinger" in service.endings
+        assert peer.closes() == []
+    finally:
+        close_raw(peer)
+
+
+async def test_idle_client_is_kept_alive_by_its_own_heartbeat(hb_service: Service) -> None:
+    service = hb_service
+    client = Client("idle", service.url, reconnect=False)
+    await client.connect()
+    try:
+        session = service.endings["idle"]
+        await asyncio.sleep(5 * HEARTBEAT_TIMEOUT)
+        assert client.connected
+        assert service.endings.get("idle") is session
+        assert client.reconnects == 0
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------- never says HELLO
+
+
+async def test_connection_without_hello_is_closed_after_handshake_timeout(
+    hb_service: Service,
+) -> None:
+    service = hb_service
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    mute = await open_raw(service.port)
+    # A second one that starts a HELLO and never finishes it.
+    partial = await open_raw(service.port)
+    hello = partial.parser.hello_frame(Hello(1, "partial"))
+    partial.send(hello[: len(hello) // 2])
+    try:
+        await asyncio.wait_for(asyncio.shield(mute.lost), 3.0)
+        await asyncio.wait_for(asyncio.shield(partial.lost), 3.0)
+        elapsed = loop.time() - start
+        assert HANDSHAKE_TIMEOUT - 0.05 <= elapsed <= 2.5, elapsed
+        for peer in (mute, partial):
+            assert [c.code for c in peer.closes()] == [CloseCode.HANDSHAKE_TIMEOUT]
+        assert service.stats["handshake_timeouts"] == 2
+        assert "partial" not in service.endings
+    finally:
+        close_raw(mute)
+        close_raw(partial)
+
+
+async def test_handshake_timeout_spares_completed_handshakes(hb_service: Service) -> None:
+    service = hb_service
+    client = Client("prompt", service.url, reconnect=False)
+    await client.connect()
+    try:
+        await asyncio.sleep(HANDSHAKE_TIMEOUT * 3)
+        assert client.connected
+        assert "prompt" in service.endings
+        assert service.stats["handshake_timeouts"] == 0
+    finally:
+        await client.close()
+
+
+# ------------------------------------------------------- frozen processes
+
+
+def spawn_worker(
+    tmp_path: Path, url: str, name: str, processes: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    log = open(tmp_path / f"worker-{len(processes)}.log", "wb")  # noqa: SIM115
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), url, name],
+            stdout=log,
+            stderr=log,
+            env=clean_env(),
+        )
+    processes.append(proc)
+    return proc
+
+
+async def test_frozen_client_process_is_declared_gone_then_rejoins_when_resumed(
+    hb_service: Service, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    service = hb_service
+    boss = Client("boss", service.url, reconnect=False)
+    await boss.connect()
+    try:
+        worker = spawn_worker(tmp_path, service.url, "worker", processes)
+        await wait_until(lambda: "worker" in service.endings, 20, "the worker to connect")
+        assert await boss.request("worker", HbWork(2), timeout=5) == HbDone(4, worker.pid)
+
+        os.kill(worker.pid, signal.SIGSTOP)
+        took = await wait_until(
+            lambda: "worker" not in service.endings, 3.0, "the frozen worker to be dropped"
+        )
+        assert took <= HEARTBEAT_TIMEOUT + 1.0, took
+        with pytest.raises(UnknownDestination):
+            await boss.request("worker", HbWork(3), timeout=5)
+
+        # Thawed, it reads the CLOSE, reconnects by itself and answers again.
+        os.kill(worker.pid, signal.SIGCONT)
+        await wait_until(lambda: "worker" in service.endings, 10, "the thawed worker")
+        assert await boss.request("worker", HbWork(5), timeout=5) == HbDone(10, worker.pid)
+    finally:
+        await boss.close()
+
+
+# --------------------------------------------- client side: frozen service
+
+
+class ServiceProcess:
+    def __init__(self, port: int, workdir: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.log_path = workdir / "service.log"
+        exe = shutil.which("packetstack")
+        cmd = [exe] if exe else [sys.executable, "-m", "packetstack.cli"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*cmd, "serve", "--port", str(port), "--data-dir", str(workdir / "data")],
+                stdout=log,
+                stderr=log,
+                cwd=workdir,
+                env=env,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_listening(self, timeout: float = 20.0) -> None:
+        marker = f"listening on ps://127.0.0.1:{self.port}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while marker not in self.log():
+            if self.proc.poll() is not None or loop.time() > deadline:
+                pytest.fail(f"service did not start ({self.proc.poll()}):\n{self.log()}")
+            await asyncio.sleep(0.05)
+
+
+async def test_client_detects_frozen_service_and_reconnects_after_it_resumes(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    env = clean_env(
+        PACKETSTACK_HEARTBEAT=str(HEARTBEAT), PACKETSTACK_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT)
+    )
+    server = ServiceProcess(free_port(), tmp_path, env)
+    processes.append(server.proc)
+    await server.wait_listening()
+    client = Client("watcher", f"ps://127.0.0.1:{server.port}", backoff_max=0.3)
+    try:
+        await client.connect()
+        assert client.welcome is not None
+        assert client.welcome.heartbeat == HEARTBEAT
+        assert client.welcome.timeout == HEARTBEAT_TIMEOUT
+
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        took = await wait_until(
+            lambda: not client.connected, 3.0, "the client to notice the frozen service"
+        )
+        assert took <= HEARTBEAT_TIMEOUT + 1.0, took
+
+        os.kill(server.proc.pid, signal.SIGCONT)
+        await client.wait_connected(timeout=10)
+        assert client.connected
+        assert client.reconnects >= 1
+    finally:
+        await client.close()
