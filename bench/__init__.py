@@ -2,6 +2,12 @@
 
 Run ``python3 -m bench --help``; bench/RESULTS.md has the latest figures. ``main(argv)``
 runs it in-process like the command line; ``run(Options(...))`` returns the report.
+
+To measure one commit while the work tree keeps changing, put a snapshot of its src/ first
+on PYTHONPATH (the hub subprocesses inherit it) and name the commit for the JSON::
+
+    git archive COMMIT src | tar -x -C /tmp/snap
+    BENCH_SOURCE_COMMIT=COMMIT PYTHONPATH=/tmp/snap/src python3 -m bench --runs 5
 """
 
 from .suite import SCENARIOS, SYSTEMS, Options, format_report, main, parse_args, run

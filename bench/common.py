@@ -461,11 +461,20 @@ def git_src_dirty() -> bool | None:
     return None if status is None else bool(status)
 
 
+def packetstack_source() -> str:
+    """The folder ``packetstack`` is imported from (a snapshot via PYTHONPATH, or src/)."""
+    import packetstack
+
+    return str(Path(packetstack.__file__).resolve().parent)
+
+
 def machine_info() -> dict[str, Any]:
     try:
         load = list(os.getloadavg())
     except OSError:
         load = None
+    source = packetstack_source()
+    in_tree = source == str(ROOT / "src" / "packetstack")
     return {
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
@@ -476,8 +485,10 @@ def machine_info() -> dict[str, Any]:
         "msgspec": _version("msgspec"),
         "nats_py": _version("nats-py"),
         "packetstack": _version("packetstack"),
-        "git_commit": git_commit(),
-        "git_src_dirty": git_src_dirty(),
+        "packetstack_source": source,
+        # Only meaningful when packetstack comes from this work tree's src/.
+        "git_commit": git_commit() if in_tree else os.environ.get("BENCH_SOURCE_COMMIT"),
+        "git_src_dirty": git_src_dirty() if in_tree else None,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "loadavg_start": load,
     }

@@ -24,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import sys_packetstack
-from .common import ROOT, Plan, hub_dir, packetstack_hub, run_loop
+from .common import ROOT, Plan, hub_dir, packetstack_hub, packetstack_source, run_loop
 
-SRC = str(ROOT / "src" / "packetstack") + os.sep
+SRC = packetstack_source() + os.sep  # src/packetstack/, or a snapshot put first on PYTHONPATH
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 
 

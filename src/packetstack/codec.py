@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from .errors import DuplicatePacketTag, PacketDecodeError, UnknownPacketType
+from .errors import DuplicatePacketTag, PacketDecodeError, PacketEncodeError, UnknownPacketType
 
 
 class Packet(msgspec.Struct):
@@ -64,7 +64,11 @@ class _Hooks:
             raise NotImplementedError(
                 f"cannot decode {kind!r}: register it with packetstack.register_type"
             )
-        return decode(obj)
+        try:
+            return decode(obj)
+        except Exception as exc:
+            # msgspec turns a ValueError into a validation error naming the field.
+            raise ValueError(f"{kind.__qualname__} decode hook failed: {exc!r}") from exc
 
 
 _hooks = _Hooks()
@@ -83,8 +87,13 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_hooks.enc_hook)
 
 
 def encode(packet: Packet) -> bytes:
-    """Encode a packet body (its tag travels separately, in the envelope)."""
-    return _encoder.encode(packet)
+    """Encode a packet body (its tag travels separately, in the envelope).
+
+    Raise PacketEncodeError for a value the codec cannot encode."""
+    try:
+        return _encoder.encode(packet)
+    except (NotImplementedError, TypeError, ValueError, OverflowError) as exc:
+        raise PacketEncodeError(f"cannot encode packet {type(packet).__qualname__}: {exc}") from exc
 
 
 class PacketRegistry:
@@ -118,7 +127,8 @@ class PacketRegistry:
             self._decoders[tag] = decoder
         try:
             packet: Packet = decoder.decode(body)
-        except (msgspec.DecodeError, NotImplementedError) as exc:
+        except (msgspec.DecodeError, NotImplementedError, ValueError, RecursionError) as exc:
+            # ValueError: bad UTF-8; RecursionError: absurdly nested data.
             raise PacketDecodeError(f"body of packet {tag!r} does not validate: {exc}") from exc
         return packet
 

@@ -179,6 +179,8 @@ class Dispatcher:
                     self._send_reply(header, result, None)
                 except PayloadTooLarge as exc:
                     self._fail(ctx, ErrorCode.PAYLOAD_TOO_LARGE, exc)
+                except CodecError as exc:
+                    self._fail(ctx, ErrorCode.HANDLER_FAILED, exc)
                 except ConnectionClosed as exc:
                     log.warning("reply to %r from %r dropped: %s", header.tag, header.src, exc)
             else:
@@ -234,47 +236,60 @@ class Pending:
     """Requests and acknowledged sends waiting for their answer, by packet id."""
 
     def __init__(self) -> None:
-        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle | None]] = {}
+        # id -> (future, timeout timer, name of the only peer whose reply counts)
+        self._waiting: dict[
+            int, tuple[asyncio.Future[Any], asyncio.TimerHandle | None, str | None]
+        ] = {}
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def expect(self, packet_id: int, timeout: float | None, what: str) -> asyncio.Future[Any]:
+    def expect(
+        self, packet_id: int, timeout: float | None, what: str, replier: str | None = None
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         timer = None
         if timeout is not None:
             timer = loop.call_later(timeout, self._expire, packet_id, timeout, what)
-        self._waiting[packet_id] = (future, timer)
+        self._waiting[packet_id] = (future, timer, replier)
         return future
 
     def _expire(self, packet_id: int, timeout: float, what: str) -> None:
         self.fail(packet_id, RequestTimeout(f"no answer to {what} within {timeout:g} s"))
 
-    def forget(self, packet_id: int) -> None:
-        entry = self._waiting.pop(packet_id, None)
-        if entry is not None and entry[1] is not None:
-            entry[1].cancel()
-
-    def resolve(self, packet_id: int, value: Any) -> bool:
+    def _take(self, packet_id: int) -> asyncio.Future[Any] | None:
         entry = self._waiting.pop(packet_id, None)
         if entry is None:
-            return False
-        future, timer = entry
+            return None
+        future, timer, _ = entry
         if timer is not None:
             timer.cancel()
-        if not future.done():
+        return None if future.done() else future
+
+    def forget(self, packet_id: int) -> None:
+        self._take(packet_id)
+
+    def resolve(self, packet_id: int, value: Any) -> bool:
+        if packet_id not in self._waiting:
+            return False
+        future = self._take(packet_id)
+        if future is not None:
             future.set_result(value)
         return True
 
-    def fail(self, packet_id: int, error: BaseException) -> bool:
-        entry = self._waiting.pop(packet_id, None)
-        if entry is None:
+    def resolve_reply(self, header: PacketHeader, payload: memoryview) -> bool:
+        """Settle the request ``header`` answers, if it came from the peer asked."""
+        entry = self._waiting.get(header.corr)
+        if entry is None or entry[2] != header.src:
             return False
-        future, timer = entry
-        if timer is not None:
-            timer.cancel()
-        if not future.done():
+        return self.resolve(header.corr, decode_reply(header, payload))
+
+    def fail(self, packet_id: int, error: BaseException) -> bool:
+        if packet_id not in self._waiting:
+            return False
+        future = self._take(packet_id)
+        if future is not None:
             future.set_exception(error)
         return True
 

@@ -9,6 +9,7 @@
     ├── CodecError                      a packet body could not be (de)serialised
     │   ├── UnknownPacketType           no class is registered under the tag
     │   ├── DuplicatePacketTag          two classes claim the same tag
+    │   ├── PacketEncodeError           a value the codec cannot encode (register_type it)
     │   └── PacketDecodeError           the body does not validate against its class
     ├── PayloadTooLarge                 refused before anything was sent
     ├── ConnectionFailed                could not reach or keep the service
@@ -86,6 +87,10 @@ class UnknownPacketType(CodecError):
 
 class DuplicatePacketTag(CodecError, TypeError):
     """Two different packet classes were registered under one tag."""
+
+
+class PacketEncodeError(CodecError, TypeError):
+    """A packet holds a value the codec cannot encode; nothing was sent."""
 
 
 class PacketDecodeError(CodecError):

@@ -92,7 +92,7 @@ class Peer:
         target, dst = destination(to)
         header, payload = self._header(target, dst, packet, Flag.REQUEST)
         limit = self.request_timeout if timeout is None else timeout
-        future = self._pending.expect(header.id, limit, f"request {header.tag!r} to {to!r}")
+        future = self._pending.expect(header.id, limit, f"request {header.tag!r} to {to!r}", dst)
         try:
             await self._transmit(header, payload, False)
         except BaseException:

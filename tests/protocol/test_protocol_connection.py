@@ -419,6 +419,23 @@ def test_close_reason_is_truncated() -> None:
     assert event == CloseReceived(CloseCode.NORMAL, "r" * 1024)
 
 
+def test_packet_header_trailing_defaults_may_be_omitted() -> None:
+    service = open_service()
+    (event,) = service.receive_data(raw_frame(FrameKind.PACKET, pack([8, 3, "", "a", "t"]), b"!"))
+    assert isinstance(event, PacketReceived)
+    assert event.header == PacketHeader(8, int(Target.SERVICE), "", "a", "t", 0, 0, 0, 0)
+    assert bytes(event.payload) == b"!"
+
+
+def test_map_headers_ignore_unknown_keys() -> None:
+    hello = {"v": 1, "name": "alpha", "future": [1, {"x": 2}]}
+    events = Connection(Role.SERVICE).receive_data(raw_frame(FrameKind.HELLO, pack(hello)))
+    assert events == [HelloReceived(Hello(1, "alpha"))]
+    w = {**msgspec.to_builtins(welcome()), "compression": "zstd"}
+    events = Connection(Role.CLIENT).receive_data(raw_frame(FrameKind.WELCOME, pack(w)))
+    assert events == [WelcomeReceived(welcome())]
+
+
 def test_close_default_reason() -> None:
     client = open_client()
     assert client.receive_data(raw_frame(FrameKind.CLOSE, pack([1000]))) == [
@@ -481,22 +498,26 @@ def test_unknown_frame_kind(kind: int) -> None:
 
 
 def test_frame_too_large_as_soon_as_the_length_prefix_arrives() -> None:
-    service = open_service(max_frame=1000)
+    """Checked on the prefix alone (docs/PROTOCOL.md: once the 7-byte prefix is in), never
+    waiting for a body that may be gigabytes long."""
+    service = open_service(max_frame=1000, chunk_size=500)
+    prefix = struct.pack(">IBH", 1001, FrameKind.PACKET, 10)
     with pytest.raises(FrameTooLarge) as info:
-        service.receive_data(struct.pack(">I", 1001))  # only the 4-byte length
+        for i in range(len(prefix)):  # byte by byte, and never any of the body
+            service.receive_data(prefix[i : i + 1])
     assert info.value.close_code is CloseCode.FRAME_TOO_LARGE
     assert isinstance(info.value, ProtocolError)
 
 
 def test_frame_too_large_without_the_body() -> None:
-    service = open_service(max_frame=1000)
+    service = open_service(max_frame=1000, chunk_size=500)
     with pytest.raises(FrameTooLarge):
         service.receive_data(struct.pack(">IBH", 1001, FrameKind.PACKET, 10))
     assert service.state is State.CLOSED
 
 
 def test_frame_too_large_after_partial_reads() -> None:
-    service = open_service(max_frame=1000)
+    service = open_service(max_frame=1000, chunk_size=500)
     ping = raw_frame(FrameKind.PING)
     assert service.receive_data(ping + b"\x00") == [PingReceived()]
     with pytest.raises(FrameTooLarge) as info:
@@ -505,7 +526,7 @@ def test_frame_too_large_after_partial_reads() -> None:
 
 
 def test_frame_of_exactly_max_frame_is_accepted() -> None:
-    service = open_service(max_frame=1000, chunk_size=5000, max_payload=10_000)
+    service = open_service(max_frame=1000, chunk_size=900, max_payload=10_000)
     hdr = pack(header())
     payload = bytes(1000 - 3 - len(hdr))
     data = raw_frame(FrameKind.PACKET, hdr, payload)

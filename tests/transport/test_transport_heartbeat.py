@@ -198,8 +198,9 @@ async def test_silent_raw_ending_is_dropped_with_heartbeat_timeout(hb_service: S
         exc = await asyncio.wait_for(asyncio.shield(peer.lost), 3.0)
         elapsed = loop.time() - start
         assert exc is None or isinstance(exc, ConnectionResetError)
-        # Dropped no earlier than the timeout allows and well within ~1-2 s.
-        assert HEARTBEAT_TIMEOUT - HEARTBEAT - 0.05 <= elapsed <= 2.0, elapsed
+        # Silent since its HELLO: dropped no earlier than heartbeat_timeout after that,
+        # and well within ~1-2 s.
+        assert HEARTBEAT_TIMEOUT - 0.05 <= elapsed <= 2.0, elapsed
         assert "silent" not in service.endings
         assert peer.parse_error is None
         # It was pinged first, and the last thing it read was CLOSE(HEARTBEAT_TIMEOUT).
@@ -222,6 +223,25 @@ async def test_raw_ending_that_only_pings_is_kept(hb_service: Service) -> None:
         assert not peer.lost.done()
         assert "pinger" in service.endings
         assert peer.closes() == []
+    finally:
+        close_raw(peer)
+
+
+async def test_raw_ending_silent_for_less_than_the_timeout_is_kept(hb_service: Service) -> None:
+    """Something arrives every 0.5 s, never 0.6 s (heartbeat_timeout) of silence: kept,
+    whatever the phase of the service's heartbeat timer (0.2 s)."""
+    service = hb_service
+    peer = await open_raw(service.port)
+    try:
+        peer.send(peer.parser.hello_frame(Hello(1, "sparse")))
+        await peer.welcomed()
+        for _ in range(8):
+            await asyncio.sleep(0.5)
+            assert not peer.lost.done(), (
+                f"dropped after less than {HEARTBEAT_TIMEOUT} s of silence: {peer.closes()}"
+            )
+            peer.send(peer.parser.ping_frame())
+        assert "sparse" in service.endings
     finally:
         close_raw(peer)
 

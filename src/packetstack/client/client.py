@@ -9,7 +9,7 @@ import ssl
 from types import TracebackType
 
 from ..codec import Packet
-from ..dispatch import Dispatcher, decode_reply, service_error
+from ..dispatch import Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
     CloseCode,
@@ -214,7 +214,8 @@ class Client(Peer):
             raise ConfigError(problem)
         link = self._require_link()
         request_id = next(self._ids)
-        future = self._pending.expect(request_id, self.request_timeout, f"joining {group!r}")
+        what = f"{'joining' if join else 'leaving'} {group!r}"
+        future = self._pending.expect(request_id, self.request_timeout, what)
         self._acks.add(request_id)
         link.write(link.connection.group_frame(request_id, group, join))
         await future
@@ -260,7 +261,7 @@ class Client(Peer):
             if type(event) is PacketReceived:
                 header = event.header
                 if header.flags & _REPLY:
-                    if not pending.resolve(header.corr, decode_reply(header, event.payload)):
+                    if not pending.resolve_reply(header, event.payload):
                         log.debug("late reply to %d from %s", header.corr, header.src)
                 else:
                     self._dispatcher.submit(header, event.payload)
@@ -325,8 +326,11 @@ class Client(Peer):
             try:
                 await self._open(self.connect_timeout)
             except HandshakeRefused as exc:
-                log.error("%s cannot reconnect: %s", self.name, exc)
-                break
+                if exc.code in _FINAL:
+                    log.error("%s cannot reconnect: %s", self.name, exc)
+                    break
+                log.info("%s reconnect attempt %d refused: %s", self.name, attempt, exc)
+                continue
             except (TimeoutError, OSError, ConnectionFailed, ProtocolError) as exc:
                 log.info("%s reconnect attempt %d failed: %s", self.name, attempt, exc)
                 continue

@@ -30,6 +30,7 @@ from .frames import (
     DEFAULT_MAX_PAYLOAD,
     EMPTY_HEADER,
     KIND_AND_HLEN,
+    LENGTH,
     MAX_HEADER,
     PREFIX,
     PREFIX_SIZE,
@@ -130,8 +131,12 @@ class Connection:
         self.max_payload = max_payload
         self.chunk_size = chunk_size
         self._buffer = bytearray()
+        self._needed = 0  # bytes the buffered partial frame needs before parsing helps
+        self._hello_seen = False
         self._in_streams: dict[int, _InStream] = {}
         self._out_streams: deque[_OutStream] = deque()
+        # Large packets waiting for a free stream (the peer accepts MAX_OPEN_STREAMS).
+        self._queued_streams: deque[tuple[PacketHeader, bytes | memoryview]] = deque()
         self._next_stream = 1
 
     # ----------------------------------------------------------------- limits
@@ -142,6 +147,10 @@ class Connection:
         self.max_payload = max_payload
         self.chunk_size = chunk_size
 
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
     # ---------------------------------------------------------------- receive
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
@@ -149,15 +158,18 @@ class Connection:
         fault in ``error.events``) when the peer breaks the protocol."""
         if self.state is State.CLOSED:
             return []
-        events: list[Event] = []
-        # One bytes object to slice frames from: a leftover partial frame costs one
-        # concatenation per call, not one per frame.
-        if self._buffer:
-            source = bytes(self._buffer) + data
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < self._needed:
+                return []  # still inside one large frame: no re-parse, no copy
+            source = bytes(buffer)
         else:
             source = data if type(data) is bytes else bytes(data)
+        events: list[Event] = []
         total = len(source)
         pos = 0
+        kind = 0
         max_frame = self.max_frame
         is_open = self.state is State.OPEN
         decode_header = _packet_header.decode
@@ -187,20 +199,32 @@ class Connection:
                     self._open_stream(header, memoryview(raw)[header_end:], events)
                     continue
                 self._parse_frame(raw, kind, header_end, events)
+                if self.closed:
+                    self._buffer = bytearray()  # nothing after CLOSE counts
+                    return events
                 is_open = self.state is State.OPEN
-        except msgspec.DecodeError as exc:
-            self.state = State.CLOSED
-            self._buffer = bytearray()
+        except ProtocolError as exc:
+            self._fault()
+            exc.events = events  # type: ignore[attr-defined]
+            raise
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+            # ValueError: bad UTF-8 in a string; RecursionError: absurdly nested msgpack.
+            self._fault()
             error = ProtocolError(f"malformed {_kind_name(kind)} frame header: {exc}")
             error.events = events  # type: ignore[attr-defined]
             raise error from exc
-        except ProtocolError as exc:
-            self.state = State.CLOSED
+        if pos < total:
+            self._buffer = bytearray(source[pos:])
+            self._needed = (
+                4 + LENGTH.unpack_from(source, pos)[0] if total - pos >= 4 else PREFIX_SIZE
+            )
+        else:
             self._buffer = bytearray()
-            exc.events = events  # type: ignore[attr-defined]
-            raise
-        self._buffer = bytearray(source[pos:]) if pos < total else bytearray()
         return events
+
+    def _fault(self) -> None:
+        self.state = State.CLOSED
+        self._buffer = bytearray()
 
     def _parse_frame(self, raw: bytes, kind: int, header_end: int, events: list[Event]) -> None:
         """Every frame but an open connection's PACKET frames."""
@@ -231,13 +255,23 @@ class Connection:
             group = _group_header.decode(header)
             events.append(GroupChange(group.id, group.group, kind == FrameKind.JOIN))
         elif kind == FrameKind.HELLO:
-            if self.role is not Role.SERVICE or self.state is not State.HANDSHAKE:
+            if (
+                self.role is not Role.SERVICE
+                or self.state is not State.HANDSHAKE
+                or self._hello_seen
+            ):
                 raise ProtocolError("HELLO is only valid as a client's first frame")
+            self._hello_seen = True
             events.append(HelloReceived(_hello.decode(header)))
         elif kind == FrameKind.WELCOME:
             if self.role is not Role.CLIENT or self.state is not State.HANDSHAKE:
                 raise ProtocolError("WELCOME is only valid as the service's first frame")
             welcome = _welcome.decode(header)
+            if welcome.chunk_size < 1 or welcome.max_frame < welcome.chunk_size + 64:
+                raise ProtocolError(
+                    f"WELCOME limits make no sense: chunk_size {welcome.chunk_size}, "
+                    f"max_frame {welcome.max_frame}"
+                )
             self.state = State.OPEN
             self.apply_limits(
                 max_frame=welcome.max_frame,
@@ -309,27 +343,31 @@ class Connection:
 
     def send_packet(self, header: PacketHeader, payload: bytes | memoryview) -> bytes:
         """Return the frame for a packet. A payload over ``chunk_size`` becomes an outgoing
-        stream: this returns only its announcing frame, and ``next_chunks`` yields the rest.
-        Raise PayloadTooLarge (nothing queued) when it is over ``max_payload``."""
+        stream: this returns only its announcing frame (or nothing while MAX_OPEN_STREAMS
+        streams are already open: it is announced when one ends), and ``next_chunks``
+        yields the rest. Raise PayloadTooLarge (nothing queued) when it is over
+        ``max_payload``."""
         size = len(payload)
         if size > self.max_payload:
             raise PayloadTooLarge(
                 f"payload of {size} bytes is over the maximum of {self.max_payload}"
             )
         if size <= self.chunk_size:
+            if header.flags & _CHUNKED:  # reassembled from chunks, now small enough inline
+                header = msgspec.structs.replace(
+                    header, flags=header.flags & ~_CHUNKED, size=0, stream=0
+                )
             return frame(_PACKET, _encoder.encode(header), payload)
+        if len(self._out_streams) >= MAX_OPEN_STREAMS:
+            self._queued_streams.append((header, payload))
+            return b""
+        return self._announce(header, payload)
+
+    def _announce(self, header: PacketHeader, payload: bytes | memoryview) -> bytes:
         stream_id = self._next_stream
         self._next_stream += 1
-        announce = PacketHeader(
-            header.id,
-            header.target,
-            header.dst,
-            header.src,
-            header.tag,
-            header.flags | _CHUNKED,
-            header.corr,
-            size,
-            stream_id,
+        announce = msgspec.structs.replace(
+            header, flags=header.flags | _CHUNKED, size=len(payload), stream=stream_id
         )
         self._out_streams.append(_OutStream(stream_id, payload))
         return frame(_PACKET, _encoder.encode(announce))
@@ -352,4 +390,6 @@ class Connection:
             stream.offset = end
             if end < len(stream.payload):
                 streams.append(stream)
+            elif self._queued_streams:
+                frames.append(self._announce(*self._queued_streams.popleft()))
         return frames

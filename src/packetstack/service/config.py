@@ -40,8 +40,11 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not between 0 and 65535")
-        if self.heartbeat <= 0 or self.heartbeat_timeout <= self.heartbeat:
-            problems.append("heartbeat must be > 0 and heartbeat_timeout > heartbeat")
+        if self.heartbeat <= 0 or self.heartbeat_timeout < 2 * self.heartbeat:
+            problems.append(
+                "heartbeat must be > 0 and heartbeat_timeout at least twice heartbeat "
+                "(three times or more tolerates a late PING)"
+            )
         if self.chunk_size < 1024 or self.chunk_size > self.max_frame - 1024:
             problems.append("chunk_size must be at least 1024 and 1 KiB under max_frame")
         if self.max_payload < self.chunk_size:
@@ -51,7 +54,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together: set both or neither")
         if problems:
-            raise ConfigError("bad service settings: " + "; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
 
 def _fields() -> dict[str, Any]:

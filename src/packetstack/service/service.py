@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from ..codec import Packet
-from ..dispatch import Dispatcher, ReplySender, decode_reply
+from ..dispatch import Dispatcher, ReplySender
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, UnknownDestination
 from ..peer import Peer
 from ..protocol import (
@@ -122,7 +122,8 @@ class Service(Peer):
         scheme = "pss" if self._ssl is not None else "ps"
         log.info("listening on %s://%s:%d", scheme, cfg.host, self.port)
         if cfg.unix_path is not None:
-            unix = await loop.create_unix_server(self._new_link, cfg.unix_path, ssl=self._ssl)
+            # Plain on purpose: a local socket is guarded by its file permissions.
+            unix = await loop.create_unix_server(self._new_link, cfg.unix_path)
             self._servers.append(unix)
             log.info("listening on unix://%s", cfg.unix_path)
         if not self._tokens:
@@ -316,7 +317,7 @@ class Service(Peer):
                     self._forward(session, member, event)
         elif target in (_SERVICE, _ENDING):
             if header.flags & _REPLY:
-                if not self._pending.resolve(header.corr, decode_reply(header, event.payload)):
+                if not self._pending.resolve_reply(header, event.payload):
                     log.debug("late reply to %d from %s", header.corr, header.src)
             else:
                 session.dispatcher.submit(header, event.payload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -57,6 +58,7 @@ class Link(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._resume_callbacks: list[Callable[[], None]] = []
         self._received = False
+        self._reading_paused = False
         self._sent = False
         self._idle_beats = 0
         self._beat_handle: asyncio.TimerHandle | None = None
@@ -134,6 +136,7 @@ class Link(asyncio.Protocol):
         """Queue a frame; everything queued in this loop iteration goes out in one write."""
         if self.closed:
             return
+        self._sent = True
         self._pending.append(frame)
         self._pending_bytes += len(frame)
         if not self._flush_scheduled:
@@ -152,7 +155,6 @@ class Link(asyncio.Protocol):
             return
         pending = self._pending
         if pending:
-            self._sent = True
             if len(pending) == 1:
                 transport.write(pending[0])
             else:
@@ -161,7 +163,7 @@ class Link(asyncio.Protocol):
             self._pending_bytes = 0
         connection = self.connection
         if connection.has_chunks and not self._paused:
-            # One chunk per open stream, then yield: small frames queued meanwhile go first.
+            # About one chunk, then yield: small frames queued meanwhile go first.
             for chunk in connection.next_chunks(connection.chunk_size):
                 transport.write(chunk)
             self._sent = True
@@ -201,10 +203,12 @@ class Link(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self._reading_paused = False
             self.transport.resume_reading()
 
     # ---------------------------------------------------------------- closing
@@ -229,13 +233,16 @@ class Link(asyncio.Protocol):
     def start_heartbeat(self, interval: float, timeout: float) -> None:
         """PING when idle for ``interval``; close when nothing arrived for ``timeout``."""
         self._beat_interval = interval
-        self._beat_limit = max(1, round(timeout / interval))
+        # That many consecutive beats without a byte from the peer: the silence then lasts
+        # at least `timeout` and less than `timeout + interval`.
+        self._beat_limit = max(2, math.ceil(timeout / interval - 1e-9))
         self._beat_handle = self._loop.call_later(interval, self._beat)
 
     def _beat(self) -> None:
         if self.closed:
             return
-        if self._received:
+        if self._received or self._reading_paused:
+            # While we hold reading back, the peer's silence is ours, not a leak.
             self._received = False
             self._idle_beats = 0
         else:
@@ -245,6 +252,9 @@ class Link(asyncio.Protocol):
                 self.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
                 return
         if not self._sent:
-            self.write(self.connection.ping_frame())
+            # Not through write(): a PING must not count as traffic that makes the next
+            # PING unnecessary.
+            self._pending.append(self.connection.ping_frame())
+            self._schedule_flush()
         self._sent = False
         self._beat_handle = self._loop.call_later(self._beat_interval, self._beat)
