@@ -418,6 +418,54 @@ def raw_hub(workdir: Path, port: int | None = None) -> Hub:
     return Hub("raw", argv, port, workdir / "raw-hub.log")
 
 
+# -------------------------------------------------------------------- CPU placement
+
+PIN_MODES = ("auto", "split", "same", "none")
+
+
+def placement_for(pin: str, scenario: str) -> str:
+    """Where a scenario runs: "split" (hub and clients on two different CPUs), "same" (one
+    CPU for both) or "none" (the scheduler decides).
+
+    "auto": split for the throughput scenarios, same for the sequential request/reply. On a
+    virtual machine a wake-up across CPUs can cost tens of microseconds (an IPI through the
+    hypervisor), and left to itself the scheduler flips between placements every second or
+    so, which turns 1-outstanding latencies bimodal: sharing one CPU costs a sequential
+    round trip nothing and measures the software path alone."""
+    if pin == "auto":
+        return "same" if scenario == "req-1" else "split"
+    return pin
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    tasks = os.listdir(f"/proc/{pid}/task") if pid else ["0"]
+    for task in tasks:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task), cpus)
+
+
+class Placement:
+    """Pins this process (the clients) and a hub process to CPUs, and restores ours after."""
+
+    def __init__(self) -> None:
+        self.original = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        self.cpus = sorted(self.original)
+
+    def apply(self, mode: str, hub_pid: int | None) -> dict[str, Any]:
+        if mode == "none" or len(self.cpus) < 2:
+            self.restore()
+            return {"mode": "none", "client_cpu": None, "hub_cpu": None}
+        client, hub = self.cpus[0], self.cpus[1] if mode == "split" else self.cpus[0]
+        _set_affinity(0, {client})
+        if hub_pid:
+            _set_affinity(hub_pid, {hub})
+        return {"mode": mode, "client_cpu": client, "hub_cpu": hub if hub_pid else None}
+
+    def restore(self) -> None:
+        if self.original:
+            _set_affinity(0, set(self.original))
+
+
 # ------------------------------------------------------------------ machine details
 
 

@@ -21,13 +21,16 @@ from typing import Any
 from . import common, sys_nats, sys_packetstack, sys_raw
 from .common import (
     BODY_SIZE,
+    PIN_MODES,
     Hub,
+    Placement,
     Plan,
     find_pid,
     hub_dir,
     machine_info,
     median,
     packetstack_hub,
+    placement_for,
     raw_hub,
     run_loop,
 )
@@ -91,6 +94,7 @@ class Options:
     nats_url: str = sys_nats.NATS_URL
     check: bool = False
     quiet: bool = False
+    pin: str = "auto"
 
     @property
     def plan(self) -> Plan:
@@ -145,6 +149,8 @@ def run(options: Options) -> dict[str, Any]:
         raise ValueError(f"unknown scenario or system {unknown}; scenarios: {list(SCENARIOS)}")
     if options.runs < 1:
         raise ValueError("--runs must be at least 1")
+    if options.pin not in PIN_MODES:
+        raise ValueError(f"--pin must be one of {', '.join(PIN_MODES)}")
     plan = options.plan
     scenarios = [s for s in SCENARIOS if s in options.only]
     systems = [s for s in SYSTEMS if s in options.systems]
@@ -156,6 +162,8 @@ def run(options: Options) -> dict[str, Any]:
     hubs: dict[str, Hub] = {}
     addresses: dict[str, str] = {}
     hub_pids: dict[str, int | None] = {}
+    placement = Placement()
+    placed: dict[str, dict[str, dict[str, Any]]] = {sc: {} for sc in scenarios}
     with hub_dir() as workdir:
         try:
             if "packetstack" in systems:
@@ -188,6 +196,11 @@ def run(options: Options) -> dict[str, Any]:
                             own.start()
                         if own is not None and own.process is not None:
                             hub_pids[system] = own.process.pid
+                        # Only hubs this suite started are pinned; the NATS server is not ours.
+                        placed[scenario][system] = placement.apply(
+                            placement_for(options.pin, scenario),
+                            own.process.pid if own is not None and own.process else None,
+                        )
                         try:
                             result = measure(
                                 system, scenario, addresses[system], plan, hub_pids.get(system)
@@ -198,6 +211,7 @@ def run(options: Options) -> dict[str, Any]:
                         raw_runs[scenario][system].append(result)
                         _log(options, _progress(index + 1, options.runs, scenario, system, result))
         finally:
+            placement.restore()
             for hub in hubs.values():
                 hub.stop()
     try:
@@ -205,6 +219,8 @@ def run(options: Options) -> dict[str, Any]:
     except OSError:
         machine["loadavg_end"] = None
     report = _report(options, plan, machine, raw_runs)
+    for scenario, by_system in placed.items():
+        report["scenarios"][scenario]["placement"] = by_system
     report["duration_s"] = round(time.perf_counter() - began, 1)
     return report
 
@@ -313,6 +329,7 @@ def _report(
             "only": [s for s in SCENARIOS if s in options.only],
             "systems": [s for s in SYSTEMS if s in options.systems],
             "nats_url": options.nats_url,
+            "pin": options.pin,
             "plan": plan.as_dict(),
             "body_bytes": BODY_SIZE,
         },
@@ -335,6 +352,8 @@ def _argv_of(options: Options) -> list[str]:
         argv += ["--systems", ",".join(options.systems)]
     if options.timebox is not None:
         argv += ["--timebox", str(options.timebox)]
+    if options.pin != "auto":
+        argv += ["--pin", options.pin]
     if options.json_path:
         argv += ["--json", options.json_path]
     return argv
@@ -428,6 +447,17 @@ def format_targets(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _placement_line(report: dict[str, Any]) -> str:
+    parts = []
+    for scenario, entry in report["scenarios"].items():
+        modes = {p["mode"] for p in entry.get("placement", {}).values()}
+        parts.append(f"{scenario}: {'/'.join(sorted(modes)) or '?'}")
+    return (
+        f"CPU placement (--pin {report['options']['pin']}; split = hub and clients on two "
+        f"CPUs, same = one CPU; the NATS server is never pinned): " + ", ".join(parts)
+    )
+
+
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     runs = report["options"]["runs"]
@@ -440,6 +470,7 @@ def format_report(report: dict[str, Any]) -> str:
         ),
         f"{m['cpu_model']} x{m['cpu_count']}, {m['platform']}, Python {m['python']}, "
         f"uvloop {m['uvloop']}, nats-server {m.get('nats_server') or '?'}, {m['date']}",
+        _placement_line(report),
         "",
         format_table(report),
         "",
@@ -499,6 +530,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--timebox", type=float, help="seconds a measured phase may send for [10, --quick: 3]"
     )
     parser.add_argument("--nats-url", default=sys_nats.NATS_URL)
+    parser.add_argument(
+        "--pin",
+        choices=PIN_MODES,
+        default="auto",
+        help="CPU placement of the hub and the clients: split = two CPUs, same = one CPU, "
+        "none = the scheduler's choice; auto [default] = same for req-1, split otherwise",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
@@ -512,6 +550,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         nats_url=args.nats_url,
         check=args.check,
         quiet=args.quiet,
+        pin=args.pin,
     )
 
 

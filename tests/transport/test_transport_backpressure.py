@@ -20,8 +20,10 @@ from packetstack.protocol import (
     Connection,
     Event,
     Hello,
+    PacketHeader,
     PacketReceived,
     Role,
+    Target,
     WelcomeReceived,
 )
 
@@ -318,3 +320,53 @@ async def test_fast_sender_is_not_disconnected_while_held_longer_than_heartbeat_
             await fast.close()
             if slow.transport is not None:
                 slow.transport.abort()
+
+
+async def test_held_sender_that_dies_is_still_dropped(tmp_path: Path) -> None:
+    """While the service holds reading from a sender, it cannot see that sender's EOF; a
+    sender that dies meanwhile must still be dropped in bounded time (not leak until the
+    slow ending drains)."""
+    async with Service(
+        "127.0.0.1",
+        0,
+        data_dir=tmp_path / "data",
+        heartbeat=0.25,
+        heartbeat_timeout=1.0,
+        high_water=256 * 1024,
+        low_water=64 * 1024,
+    ) as service:
+        slow = await raw_ending(service.port, "slow", rcvbuf=4096)
+        assert slow.transport is not None
+        slow.transport.pause_reading()
+        pinger = asyncio.create_task(_pinger(slow, 0.1))
+        fast = await raw_ending(service.port, "fast")
+        assert fast.transport is not None
+        try:
+            payload = msgspec.msgpack.encode(BpFlood(0, PAD))
+            seq = 0
+            # Flood until the service stops reading us and our own buffer backs up.
+            async with asyncio.timeout(30):
+                while fast.transport.get_write_buffer_size() < 2 * MiB:
+                    for _ in range(500):
+                        seq += 1
+                        header = PacketHeader(
+                            seq, int(Target.ENDING), "slow", "fast", BpFlood.packet_tag
+                        )
+                        fast.send(fast.parser.send_packet(header, payload))
+                    await asyncio.sleep(0)
+            assert service.stats["backpressure_pauses"] >= 1
+            assert "fast" in service.endings
+
+            fast.transport.abort()  # the sender dies while held
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            async with asyncio.timeout(10):
+                while "fast" in service.endings:
+                    await asyncio.sleep(0.02)
+            assert loop.time() - start < 5.0
+            assert "slow" in service.endings
+        finally:
+            await _cancel(pinger)
+            for peer in (slow, fast):
+                if peer.transport is not None:
+                    peer.transport.abort()
