@@ -155,6 +155,10 @@ class Service(Peer):
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self.config.unix_path is not None:
+            # Python 3.11's loop leaves the socket file behind; the next start would reuse it
+            # anyway, but a stale file misleads anyone looking.
+            Path(self.config.unix_path).unlink(missing_ok=True)
         self._pending.fail_all(_service_closed())
         self._closed.set()
 
