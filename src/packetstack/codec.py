@@ -86,14 +86,29 @@ def register_type(kind: type, *, encode: _EncodeHook, decode: _DecodeHook) -> No
 _encoder = msgspec.msgpack.Encoder(enc_hook=_hooks.enc_hook)
 
 
-def encode(packet: Packet) -> bytes:
+_ENCODE_ERRORS = (NotImplementedError, TypeError, ValueError, OverflowError)
+
+
+def _encode_failed(body: Any, exc: Exception) -> PacketEncodeError:
+    return PacketEncodeError(f"cannot encode {type(body).__qualname__}: {exc}")
+
+
+def encode(body: Any) -> bytes:
     """Encode a packet body (its tag travels separately, in the envelope).
 
     Raise PacketEncodeError for a value the codec cannot encode."""
     try:
-        return _encoder.encode(packet)
-    except (NotImplementedError, TypeError, ValueError, OverflowError) as exc:
-        raise PacketEncodeError(f"cannot encode packet {type(packet).__qualname__}: {exc}") from exc
+        return _encoder.encode(body)
+    except _ENCODE_ERRORS as exc:
+        raise _encode_failed(body, exc) from exc
+
+
+def encode_into(body: Any, buffer: bytearray, offset: int) -> None:
+    """Encode a packet body into ``buffer`` at ``offset`` (the hot path: no new bytes)."""
+    try:
+        _encoder.encode_into(body, buffer, offset)
+    except _ENCODE_ERRORS as exc:
+        raise _encode_failed(body, exc) from exc
 
 
 class PacketRegistry:

@@ -37,7 +37,6 @@ P = TypeVar("P", bound=Packet)
 Handler = Callable[[Any, "Context"], Awaitable[Packet | None] | Packet | None]
 ReplySender = Callable[[PacketHeader, Packet | None, ErrorBody | None], None]
 
-_error_body_encoder = msgspec.msgpack.Encoder()
 _error_body_decoder = msgspec.msgpack.Decoder(ErrorBody)
 
 ERROR_TAG = "$error"
@@ -219,10 +218,6 @@ def remote_error(body: bytes | memoryview) -> DeliveryError:
     return RemoteError(f"{err.type}: {err.message}", err.type, code)
 
 
-def encode_error_body(body: ErrorBody) -> bytes:
-    return _error_body_encoder.encode(body)
-
-
 def service_error(code: int, message: str) -> Exception:
     """The exception for an ERROR frame the service sent about one of our packets."""
     if code == ErrorCode.UNKNOWN_DESTINATION:
@@ -256,6 +251,9 @@ class Pending:
         return future
 
     def _expire(self, packet_id: int, timeout: float, what: str) -> None:
+        entry = self._waiting.get(packet_id)
+        if entry is not None and entry[2] is not None:
+            what = f"request {what!r} to {entry[2]!r}"  # built only when it times out
         self.fail(packet_id, RequestTimeout(f"no answer to {what} within {timeout:g} s"))
 
     def _take(self, packet_id: int) -> asyncio.Future[Any] | None:

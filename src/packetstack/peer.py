@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .codec import Packet, encode
-from .dispatch import ERROR_TAG, Context, Handler, HandlerTable, Pending, encode_error_body
+from .codec import Packet
+from .dispatch import ERROR_TAG, Context, Handler, HandlerTable, Pending
 from .protocol import SERVICE_NAME, ErrorBody, Flag, PacketHeader, Target
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
+_ACK = int(Flag.ACK)
+_REQUEST = int(Flag.REQUEST)
 _REPLY = int(Flag.REPLY)
 _REPLY_ERROR = int(Flag.REPLY | Flag.ERROR)
 
@@ -54,15 +56,17 @@ class Peer:
 
     def _header(
         self, target: int, dst: str, packet: Packet, flags: int, corr: int = 0
-    ) -> tuple[PacketHeader, bytes]:
+    ) -> PacketHeader:
         if not isinstance(packet, Packet):
             raise TypeError(f"expected a packetstack.Packet, got {type(packet).__name__}")
-        header = PacketHeader(
-            next(self._ids), target, dst, self.name, packet.packet_tag, flags, corr
-        )
-        return header, encode(packet)
+        return PacketHeader(next(self._ids), target, dst, self.name, packet.packet_tag, flags, corr)
 
-    async def _transmit(self, header: PacketHeader, payload: bytes, ack: bool) -> None:
+    def _transmit(
+        self, header: PacketHeader, body: Packet | ErrorBody, ack: bool
+    ) -> Awaitable[None] | None:
+        """Queue a packet. Return something to await when the caller must wait (for
+        backpressure or an acknowledgement), None when it is on its way already: the
+        common case then costs no extra coroutine."""
         raise NotImplementedError
 
     async def send(self, to: str, packet: Packet, *, ack: bool = False) -> None:
@@ -71,18 +75,23 @@ class Peer:
         Returns once the packet is on its way; with ``ack=True``, once the service has
         routed it, raising UnknownDestination if nobody of that name is connected."""
         target, dst = destination(to)
-        header, payload = self._header(target, dst, packet, Flag.ACK if ack else 0)
-        await self._transmit(header, payload, ack)
+        waiter = self._transmit(self._header(target, dst, packet, _ACK if ack else 0), packet, ack)
+        if waiter is not None:
+            await waiter
 
     async def publish(self, group: str, packet: Packet, *, ack: bool = False) -> None:
         """Send a packet to every member of ``group`` except the sender."""
-        header, payload = self._header(Target.GROUP, group, packet, Flag.ACK if ack else 0)
-        await self._transmit(header, payload, ack)
+        header = self._header(Target.GROUP, group, packet, _ACK if ack else 0)
+        waiter = self._transmit(header, packet, ack)
+        if waiter is not None:
+            await waiter
 
     async def broadcast(self, packet: Packet, *, ack: bool = False) -> None:
         """Send a packet to every connected ending except the sender."""
-        header, payload = self._header(Target.ALL, "*", packet, Flag.ACK if ack else 0)
-        await self._transmit(header, payload, ack)
+        header = self._header(Target.ALL, "*", packet, _ACK if ack else 0)
+        waiter = self._transmit(header, packet, ack)
+        if waiter is not None:
+            await waiter
 
     async def request(self, to: str, packet: Packet, *, timeout: float | None = None) -> Any:
         """Send a request and return the reply packet.
@@ -90,11 +99,13 @@ class Peer:
         Raises RequestTimeout, UnknownDestination, RemoteError (the far handler raised or
         could not read the packet) or ConnectionClosed."""
         target, dst = destination(to)
-        header, payload = self._header(target, dst, packet, Flag.REQUEST)
+        header = self._header(target, dst, packet, _REQUEST)
         limit = self.request_timeout if timeout is None else timeout
-        future = self._pending.expect(header.id, limit, f"request {header.tag!r} to {to!r}", dst)
+        future = self._pending.expect(header.id, limit, header.tag, dst)
         try:
-            await self._transmit(header, payload, False)
+            waiter = self._transmit(header, packet, False)
+            if waiter is not None:
+                await waiter
         except BaseException:
             self._pending.forget(header.id)
             raise
@@ -105,13 +116,13 @@ class Peer:
 
     def _reply(
         self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
-    ) -> tuple[PacketHeader, bytes]:
-        """Header and payload answering ``request`` with a packet or an error."""
+    ) -> tuple[PacketHeader, Packet | ErrorBody]:
+        """Header and body answering ``request`` with a packet or an error."""
         target = Target.SERVICE if request.src == SERVICE_NAME else Target.ENDING
         if error is not None:
             header = PacketHeader(
                 next(self._ids), target, request.src, self.name, ERROR_TAG, _REPLY_ERROR, request.id
             )
-            return header, encode_error_body(error)
+            return header, error
         assert packet is not None
-        return self._header(target, request.src, packet, _REPLY, request.id)
+        return self._header(target, request.src, packet, _REPLY, request.id), packet

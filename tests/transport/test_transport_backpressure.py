@@ -133,7 +133,7 @@ def session_buffered(service: Service, name: str) -> int:
     if session is None:
         return 0
     link = session.link
-    size = link._pending_bytes
+    size = link.pending_bytes
     if link.transport is not None:
         size += link.transport.get_write_buffer_size()
     return size

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Awaitable
 from types import TracebackType
 
-from ..codec import Packet
+from ..codec import Packet, encode_into
 from ..dispatch import Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
@@ -231,27 +232,30 @@ class Client(Peer):
             )
         return link
 
-    async def _transmit(self, header: PacketHeader, payload: bytes, ack: bool) -> None:
-        link = self._require_link()
-        frame = link.connection.send_packet(header, payload)
+    def _transmit(
+        self, header: PacketHeader, body: Packet | ErrorBody, ack: bool
+    ) -> Awaitable[None] | None:
+        link = self._link
+        if link is None or link.closed:
+            link = self._require_link()
         if ack:
-            future = self._pending.expect(
-                header.id, self.request_timeout, f"acknowledgement of {header.tag!r}"
-            )
+            future = self._pending.expect(header.id, self.request_timeout, "acknowledgement")
+            try:
+                link.write_packet(header, body, encode_into)
+            except BaseException:
+                self._pending.forget(header.id)
+                raise
             self._acks.add(header.id)
-            link.write(frame)
-            await future
-            return
-        link.write(frame)
-        if not link.writable:
-            await link.drain()
+            return future
+        if link.write_packet(header, body, encode_into):
+            return None
+        return link.drain()
 
     def _send_reply(
         self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
     ) -> None:
-        header, payload = self._reply(request, packet, error)
-        link = self._require_link()
-        link.write(link.connection.send_packet(header, payload))
+        header, body = self._reply(request, packet, error)
+        self._require_link().write_packet(header, body, encode_into)
 
     # ------------------------------------------------------- link callbacks
 

@@ -1,6 +1,6 @@
 """Sans-I/O wire protocol: frames, handshake, envelopes, chunking. No asyncio, no sockets."""
 
-from .connection import Connection, Role, State
+from .connection import BodyEncoder, Connection, Role, State
 from .events import (
     AckReceived,
     CloseReceived,
@@ -30,6 +30,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SERVICE_NAME",
     "AckReceived",
+    "BodyEncoder",
     "CloseReceived",
     "Connection",
     "ErrorBody",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -57,6 +59,10 @@ _hello = msgspec.msgpack.Decoder(Hello)
 _welcome = msgspec.msgpack.Decoder(Welcome)
 
 _CHUNKED = int(Flag.CHUNKED)
+_PREFIX_PLACEHOLDER = bytes(PREFIX_SIZE)
+
+# encode_into(obj, buffer, offset): msgspec's Encoder.encode_into shape.
+BodyEncoder = Callable[[Any, bytearray, int], None]
 _PACKET = int(FrameKind.PACKET)
 
 # Incoming chunked packets one connection may have in flight at once.
@@ -194,7 +200,7 @@ class Connection:
                     # The hot path: one small header decode, the payload stays a view.
                     header = decode_header(raw[PREFIX_SIZE:header_end])
                     if not header.flags & _CHUNKED:
-                        events.append(PacketReceived(header, memoryview(raw)[header_end:], raw))
+                        events.append(PacketReceived(header, raw, header_end))
                         continue
                     self._open_stream(header, memoryview(raw)[header_end:], events)
                     continue
@@ -297,7 +303,7 @@ class Connection:
         if too_large:
             events.append(OversizedPacket(header))
         if header.size == 0:
-            events.append(PacketReceived(header, memoryview(b""), None))
+            events.append(PacketReceived(header, bytearray(), 0))
             return
         self._in_streams[header.stream] = _InStream(header, discard=too_large)
 
@@ -313,7 +319,7 @@ class Connection:
         if stream.remaining == 0:
             del self._in_streams[stream_id]
             if not stream.discard:
-                events.append(PacketReceived(stream.header, memoryview(stream.buffer), None))
+                events.append(PacketReceived(stream.header, stream.buffer, 0))
 
     # ------------------------------------------------------------------- send
 
@@ -362,6 +368,31 @@ class Connection:
             self._queued_streams.append((header, payload))
             return b""
         return self._announce(header, payload)
+
+    def append_packet(
+        self, out: bytearray, header: PacketHeader, body: Any, encode_into: BodyEncoder
+    ) -> None:
+        """Append the frame(s) for a packet to ``out``, encoding header and body straight
+        into it: the hot path builds no intermediate bytes. ``encode_into(body, buffer,
+        offset)`` writes the body. On any error ``out`` is left as it was."""
+        start = len(out)
+        try:
+            out += _PREFIX_PLACEHOLDER
+            _encoder.encode_into(header, out, start + PREFIX_SIZE)
+            body_at = len(out)
+            encode_into(body, out, body_at)
+            size = len(out) - body_at
+            if size > self.chunk_size:
+                payload = bytes(out[body_at:])
+                del out[start:]
+                out += self.send_packet(header, payload)
+                return
+            PREFIX.pack_into(
+                out, start, len(out) - start - 4, _PACKET, body_at - start - PREFIX_SIZE
+            )
+        except BaseException:
+            del out[start:]
+            raise
 
     def _announce(self, header: PacketHeader, payload: bytes | memoryview) -> bytes:
         stream_id = self._next_stream

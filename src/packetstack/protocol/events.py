@@ -16,12 +16,24 @@ class WelcomeReceived(msgspec.Struct, gc=False):
 
 
 class PacketReceived(msgspec.Struct, gc=False):
-    """A whole packet. ``frame`` is the exact frame when it arrived in one piece, so the
-    service can forward it without re-encoding; None when it was reassembled from chunks."""
+    """A whole packet: ``data[offset:]`` is its body.
+
+    ``data`` is the exact frame (bytes) when the packet arrived in one piece, so the service
+    can forward it without re-encoding, or the reassembled body (a bytearray, offset 0)."""
 
     header: PacketHeader
-    payload: memoryview
-    frame: bytes | None
+    data: bytes | bytearray
+    offset: int
+
+    @property
+    def payload(self) -> memoryview:
+        return memoryview(self.data)[self.offset :]
+
+    @property
+    def frame(self) -> bytes | None:
+        """The frame as received, or None for a packet reassembled from chunks."""
+        data = self.data
+        return data if type(data) is bytes else None
 
 
 class OversizedPacket(msgspec.Struct, gc=False):

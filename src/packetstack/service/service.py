@@ -7,13 +7,14 @@ import hmac
 import logging
 import ssl
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import msgspec
 
-from ..codec import Packet
+from ..codec import Packet, encode, encode_into
 from ..dispatch import Dispatcher, ReplySender
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, UnknownDestination
 from ..peer import Peer
@@ -404,12 +405,14 @@ class Service(Peer):
         def send_reply(
             request: PacketHeader, packet: Packet | None, error: ErrorBody | None
         ) -> None:
-            header, payload = self._reply(request, packet, error)
-            link.write(link.connection.send_packet(header, payload))
+            header, body = self._reply(request, packet, error)
+            link.write_packet(header, body, encode_into)
 
         return send_reply
 
-    async def _transmit(self, header: PacketHeader, payload: bytes, ack: bool) -> None:
+    def _transmit(
+        self, header: PacketHeader, body: Packet | ErrorBody, ack: bool
+    ) -> Awaitable[None] | None:
         target = header.target
         if target == _ENDING:
             session = self.endings.get(header.dst)
@@ -422,15 +425,22 @@ class Service(Peer):
             members = list(self.endings.values())
         else:
             raise ValueError("the service cannot send packets to itself")
+        payload = encode(body)  # once, however many members
+        slow = []
         for member in members:
             link = member.link
             link.write(link.connection.send_packet(header, payload))
-        for member in members:
-            if not member.link.writable:
-                await member.link.drain()
+            if not link.writable:
+                slow.append(link)
+        return _drain_all(slow) if slow else None
 
     def group_members(self, group: str) -> list[str]:
         return sorted(session.name for session in self.groups.get(group, ()))
+
+
+async def _drain_all(links: list[Link]) -> None:
+    for link in links:
+        await link.drain()
 
 
 def _service_closed() -> ConnectionClosed:

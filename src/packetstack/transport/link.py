@@ -12,10 +12,10 @@ import logging
 import math
 import socket
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from ..errors import CloseCode, ConnectionClosed, ProtocolError
-from ..protocol import Connection, Event
+from ..protocol import BodyEncoder, Connection, Event, PacketHeader
 
 log = logging.getLogger("packetstack.transport")
 
@@ -51,8 +51,8 @@ class Link(asyncio.Protocol):
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        # Frames queued during this loop iteration, built in place: one write per flush.
+        self._out = bytearray()
         self._flush_scheduled = False
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -99,7 +99,7 @@ class Link(asyncio.Protocol):
         self.transport = None
         if self._beat_handle is not None:
             self._beat_handle.cancel()
-        self._pending.clear()
+        self._out = bytearray()
         self._wake_drainers(
             ConnectionClosed("connection lost", self.close_code or CloseCode.GOING_AWAY)
         )
@@ -115,7 +115,7 @@ class Link(asyncio.Protocol):
         self._paused = False
         if self.connection.has_chunks:
             self._schedule_flush()
-        if self._pending_bytes < self.high_water:
+        if len(self._out) < self.high_water:
             self._wake_drainers(None)
             self._resume_all()
 
@@ -130,18 +130,35 @@ class Link(asyncio.Protocol):
     @property
     def writable(self) -> bool:
         """False while the peer is not keeping up: the caller should hold back."""
-        return not self._paused and self._pending_bytes < self.high_water
+        return not self._paused and len(self._out) < self.high_water
 
-    def write(self, frame: bytes) -> None:
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued in this loop iteration, not yet handed to the socket."""
+        return len(self._out)
+
+    def write(self, frame: bytes | bytearray) -> None:
         """Queue a frame; everything queued in this loop iteration goes out in one write."""
         if self.closed:
             return
         self._sent = True
-        self._pending.append(frame)
-        self._pending_bytes += len(frame)
+        self._out += frame
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def write_packet(self, header: PacketHeader, body: Any, encode_into: BodyEncoder) -> bool:
+        """Queue a packet, encoding it straight into the outgoing buffer. Return whether
+        the link is still writable (False: the caller should ``await drain()``)."""
+        if self.closed:
+            raise ConnectionClosed("connection is closed", self.close_code or CloseCode.NORMAL)
+        out = self._out
+        self.connection.append_packet(out, header, body, encode_into)
+        self._sent = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return not self._paused and len(out) < self.high_water
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -153,14 +170,10 @@ class Link(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        pending = self._pending
-        if pending:
-            if len(pending) == 1:
-                transport.write(pending[0])
-            else:
-                transport.write(b"".join(pending))
-            pending.clear()
-            self._pending_bytes = 0
+        if self._out:
+            # A fresh buffer rather than clear(): the transport may keep a reference.
+            out, self._out = self._out, bytearray()
+            transport.write(out)
         connection = self.connection
         if connection.has_chunks and not self._paused:
             # About one chunk, then yield: small frames queued meanwhile go first.
@@ -177,7 +190,7 @@ class Link(asyncio.Protocol):
         """Wait until the peer keeps up again (or raise ConnectionClosed)."""
         if self.closed:
             raise ConnectionClosed("connection is closed", self.close_code or CloseCode.NORMAL)
-        if self._paused or self._pending_bytes >= self.high_water:
+        if self._paused or len(self._out) >= self.high_water:
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
@@ -254,7 +267,7 @@ class Link(asyncio.Protocol):
         if not self._sent:
             # Not through write(): a PING must not count as traffic that makes the next
             # PING unnecessary.
-            self._pending.append(self.connection.ping_frame())
+            self._out += self.connection.ping_frame()
             self._schedule_flush()
         self._sent = False
         self._beat_handle = self._loop.call_later(self._beat_interval, self._beat)
