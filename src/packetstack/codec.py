@@ -116,7 +116,7 @@ class PacketRegistry:
 
     def __init__(self) -> None:
         self._classes: dict[str, type[Packet]] = {}
-        self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
+        self._decoders: dict[str, Decode] = {}
 
     def register(self, cls: type[Packet], tag: str) -> None:
         known = self._classes.get(tag)
@@ -133,19 +133,36 @@ class PacketRegistry:
 
     def decode(self, tag: str, body: bytes | memoryview) -> Packet:
         """Decode a body; raise UnknownPacketType or PacketDecodeError, nothing else."""
-        decoder = self._decoders.get(tag)
-        if decoder is None:
+        decode = self._decoders.get(tag)
+        if decode is None:
             cls = self._classes.get(tag)
             if cls is None:
                 raise UnknownPacketType(f"no packet class is registered under tag {tag!r}")
-            decoder = msgspec.msgpack.Decoder(cls, dec_hook=_hooks.dec_hook)
-            self._decoders[tag] = decoder
+            decode = self._decoders[tag] = decoder_for(cls)
         try:
-            packet: Packet = decoder.decode(body)
-        except (msgspec.DecodeError, NotImplementedError, ValueError, RecursionError) as exc:
-            # ValueError: bad UTF-8; RecursionError: absurdly nested data.
-            raise PacketDecodeError(f"body of packet {tag!r} does not validate: {exc}") from exc
-        return packet
+            return decode(body)
+        except DECODE_ERRORS as exc:
+            raise decode_failed(tag, exc) from exc
+
+
+Decode = Callable[[bytes | memoryview], Packet]
+
+# What a msgspec decoder raises for a body that does not fit: DecodeError (and its
+# ValidationError), ValueError (bad UTF-8, a failing user hook), NotImplementedError (a
+# type with no hook), RecursionError (absurdly nested data).
+DECODE_ERRORS = (msgspec.DecodeError, NotImplementedError, ValueError, RecursionError)
+
+
+def decoder_for(cls: type[Packet]) -> Decode:
+    """A reusable decoder for one packet class (raises DECODE_ERRORS on bad bodies)."""
+    decoder: msgspec.msgpack.Decoder[Packet] = msgspec.msgpack.Decoder(
+        cls, dec_hook=_hooks.dec_hook
+    )
+    return decoder.decode
+
+
+def decode_failed(tag: str, exc: BaseException) -> PacketDecodeError:
+    return PacketDecodeError(f"body of packet {tag!r} does not validate: {exc}")
 
 
 def _qualified(cls: type) -> str:

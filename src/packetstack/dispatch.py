@@ -16,20 +16,19 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .codec import Packet, registry
+from .codec import DECODE_ERRORS, Decode, Packet, decode_failed, decoder_for, registry
 from .errors import (
     CodecError,
     ConnectionClosed,
     DeliveryError,
     ErrorCode,
-    PacketDecodeError,
     PayloadTooLarge,
     RemoteError,
     RequestTimeout,
     UnknownDestination,
     UnknownPacketType,
 )
-from .protocol import ErrorBody, Flag, PacketHeader, Target
+from .protocol import ErrorBody, Flag, PacketHeader, PacketReceived, Target
 
 log = logging.getLogger("packetstack.dispatch")
 
@@ -80,10 +79,10 @@ class Context:
 
 
 class HandlerTable:
-    """Packet class -> handler, found by tag on receipt."""
+    """Packet tag -> (decoder, handler, is_async): one lookup per received packet."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, tuple[Handler, bool]] = {}
+        self._entries: dict[str, tuple[Decode, Handler, bool]] = {}
         self.on_unhandled: Callable[[BaseException, Context], None] | None = None
 
     def on(self, packet_type: type[P]) -> Callable[[Handler], Handler]:
@@ -94,13 +93,11 @@ class HandlerTable:
 
         def register(handler: Handler) -> Handler:
             is_async = inspect.iscoroutinefunction(handler)
-            self._handlers[packet_type.packet_tag] = (handler, is_async)
+            decoder = decoder_for(packet_type)
+            self._entries[packet_type.packet_tag] = (decoder, handler, is_async)
             return handler
 
         return register
-
-    def get(self, tag: str) -> tuple[Handler, bool] | None:
-        return self._handlers.get(tag)
 
 
 def error_body(code: ErrorCode, exc: BaseException) -> ErrorBody:
@@ -113,18 +110,20 @@ class Dispatcher:
     def __init__(self, table: HandlerTable, send_reply: ReplySender) -> None:
         self._table = table
         self._send_reply = send_reply
-        self._queue: deque[tuple[PacketHeader, memoryview]] = deque()
+        self._queue: deque[PacketReceived] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.handled = 0
         self.failed = 0
 
-    def submit(self, header: PacketHeader, payload: memoryview) -> None:
-        self._queue.append((header, payload))
+    def submit(self, event: PacketReceived) -> None:
+        self._queue.append(event)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
-        elif self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        else:
+            wakeup = self._wakeup
+            if wakeup is not None and not wakeup.done():
+                wakeup.set_result(None)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -135,59 +134,69 @@ class Dispatcher:
 
     async def _run(self) -> None:
         queue = self._queue
+        entries = self._table._entries
         loop = asyncio.get_running_loop()
         while True:
+            # The whole per-packet path is inline here: no coroutine per packet beyond the
+            # handler's own.
             while queue:
-                header, payload = queue.popleft()
-                await self._handle(header, payload)
+                event = queue.popleft()
+                header = event.header
+                entry = entries.get(header.tag)
+                if entry is None:
+                    self._unhandled(header)
+                    continue
+                decode, handler, is_async = entry
+                ctx = Context(header)
+                try:
+                    packet = decode(memoryview(event.data)[event.offset :])
+                except DECODE_ERRORS as exc:
+                    self._fail(ctx, ErrorCode.DECODE_FAILED, decode_failed(header.tag, exc))
+                    continue
+                try:
+                    result = handler(packet, ctx)
+                    if is_async:
+                        result = await result  # type: ignore[misc]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.exception("handler for %r from %r raised", header.tag, header.src)
+                    self._fail(ctx, ErrorCode.HANDLER_FAILED, exc, logged=True)
+                    continue
+                self.handled += 1
+                if header.flags & _REQUEST:
+                    self._answer(ctx, result)
             self._wakeup = loop.create_future()
             await self._wakeup
             self._wakeup = None
 
-    async def _handle(self, header: PacketHeader, payload: memoryview) -> None:
+    def _unhandled(self, header: PacketHeader) -> None:
         ctx = Context(header)
-        is_request = header.flags & _REQUEST
+        if registry.get(header.tag) is None:
+            unknown = UnknownPacketType(f"no packet class is registered under tag {header.tag!r}")
+            self._fail(ctx, ErrorCode.UNKNOWN_PACKET_TYPE, unknown)
+        else:
+            self._fail(
+                ctx, ErrorCode.NO_HANDLER, LookupError(f"no handler for packet {header.tag!r}")
+            )
+
+    def _answer(self, ctx: Context, result: object) -> None:
+        header = ctx.header
+        if not isinstance(result, Packet):
+            wrong = TypeError(
+                f"the handler for request {header.tag!r} returned "
+                f"{type(result).__name__}, not a Packet"
+            )
+            self._fail(ctx, ErrorCode.HANDLER_FAILED, wrong)
+            return
         try:
-            packet = registry.decode(header.tag, payload)
-        except UnknownPacketType as exc:
-            self._fail(ctx, ErrorCode.UNKNOWN_PACKET_TYPE, exc)
-            return
-        except PacketDecodeError as exc:
-            self._fail(ctx, ErrorCode.DECODE_FAILED, exc)
-            return
-        entry = self._table.get(header.tag)
-        if entry is None:
-            missing = LookupError(f"no handler for packet {header.tag!r}")
-            self._fail(ctx, ErrorCode.NO_HANDLER, missing)
-            return
-        handler, is_async = entry
-        try:
-            result = handler(packet, ctx)
-            if is_async:
-                result = await result  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("handler for %r from %r raised", header.tag, header.src)
-            self._fail(ctx, ErrorCode.HANDLER_FAILED, exc, logged=True)
-            return
-        self.handled += 1
-        if is_request:
-            if isinstance(result, Packet):
-                try:
-                    self._send_reply(header, result, None)
-                except PayloadTooLarge as exc:
-                    self._fail(ctx, ErrorCode.PAYLOAD_TOO_LARGE, exc)
-                except CodecError as exc:
-                    self._fail(ctx, ErrorCode.HANDLER_FAILED, exc)
-                except ConnectionClosed as exc:
-                    log.warning("reply to %r from %r dropped: %s", header.tag, header.src, exc)
-            else:
-                wrong = TypeError(
-                    f"the handler for request {header.tag!r} returned "
-                    f"{type(result).__name__}, not a Packet"
-                )
-                self._fail(ctx, ErrorCode.HANDLER_FAILED, wrong)
+            self._send_reply(header, result, None)
+        except PayloadTooLarge as exc:
+            self._fail(ctx, ErrorCode.PAYLOAD_TOO_LARGE, exc)
+        except CodecError as exc:
+            self._fail(ctx, ErrorCode.HANDLER_FAILED, exc)
+        except ConnectionClosed as exc:
+            log.warning("reply to %r from %r dropped: %s", header.tag, header.src, exc)
 
     def _fail(
         self, ctx: Context, code: ErrorCode, exc: BaseException, logged: bool = False

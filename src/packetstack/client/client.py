@@ -268,7 +268,7 @@ class Client(Peer):
                     if not pending.resolve_reply(header, event.payload):
                         log.debug("late reply to %d from %s", header.corr, header.src)
                 else:
-                    self._dispatcher.submit(header, event.payload)
+                    self._dispatcher.submit(event)
             elif type(event) is AckReceived:
                 self._acks.discard(event.id)
                 pending.resolve(event.id, None)

@@ -325,7 +325,7 @@ class Service(Peer):
                 if not self._pending.resolve_reply(header, event.payload):
                     log.debug("late reply to %d from %s", header.corr, header.src)
             else:
-                session.dispatcher.submit(header, event.payload)
+                session.dispatcher.submit(event)
         else:
             session.link.write(
                 session.link.connection.error_frame(
