@@ -8,6 +8,7 @@ so a handler that awaits a request of its own never deadlocks its connection.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import logging
 from collections import deque
@@ -237,13 +238,18 @@ def service_error(code: int, message: str) -> Exception:
 
 
 class Pending:
-    """Requests and acknowledged sends waiting for their answer, by packet id."""
+    """Requests and acknowledged sends waiting for their answer, by packet id.
+
+    Timeouts share one timer: deadlines go into a heap and a single callback, set for the
+    earliest one, expires whatever is due (answered entries are skipped lazily). A timer
+    per request would cost a TimerHandle and its cancellation on every request."""
 
     def __init__(self) -> None:
-        # id -> (future, timeout timer, name of the only peer whose reply counts)
-        self._waiting: dict[
-            int, tuple[asyncio.Future[Any], asyncio.TimerHandle | None, str | None]
-        ] = {}
+        # id -> (future, what it waits for, name of the only peer whose reply counts)
+        self._waiting: dict[int, tuple[asyncio.Future[Any], str, str | None]] = {}
+        self._deadlines: list[tuple[float, int, float]] = []  # (deadline, id, timeout)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -253,25 +259,46 @@ class Pending:
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        timer = None
+        self._waiting[packet_id] = (future, what, replier)
         if timeout is not None:
-            timer = loop.call_later(timeout, self._expire, packet_id, timeout, what)
-        self._waiting[packet_id] = (future, timer, replier)
+            deadline = loop.time() + timeout
+            deadlines = self._deadlines
+            if len(deadlines) > 2 * len(self._waiting) + 1024:
+                # Mostly answered entries: rebuild so memory follows what is outstanding.
+                waiting = self._waiting
+                deadlines = self._deadlines = [d for d in deadlines if d[1] in waiting]
+                heapq.heapify(deadlines)
+            heapq.heappush(deadlines, (deadline, packet_id, timeout))
+            if self._timer is None or deadline < self._timer_at:
+                self._arm(loop, deadline)
         return future
 
-    def _expire(self, packet_id: int, timeout: float, what: str) -> None:
-        entry = self._waiting.get(packet_id)
-        if entry is not None and entry[2] is not None:
-            what = f"request {what!r} to {entry[2]!r}"  # built only when it times out
-        self.fail(packet_id, RequestTimeout(f"no answer to {what} within {timeout:g} s"))
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_at(deadline, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, packet_id, timeout = heapq.heappop(deadlines)
+            entry = self._waiting.get(packet_id)
+            if entry is None:
+                continue  # answered in time
+            what = entry[1] if entry[2] is None else f"request {entry[1]!r} to {entry[2]!r}"
+            self.fail(packet_id, RequestTimeout(f"no answer to {what} within {timeout:g} s"))
+        if deadlines:
+            self._arm(loop, deadlines[0][0])
 
     def _take(self, packet_id: int) -> asyncio.Future[Any] | None:
         entry = self._waiting.pop(packet_id, None)
         if entry is None:
             return None
-        future, timer, _ = entry
-        if timer is not None:
-            timer.cancel()
+        future = entry[0]
         return None if future.done() else future
 
     def forget(self, packet_id: int) -> None:

@@ -12,6 +12,8 @@ from .protocol import SERVICE_NAME, ErrorBody, Flag, PacketHeader, Target
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
+_ENDING = int(Target.ENDING)
+_SERVICE = int(Target.SERVICE)
 _ACK = int(Flag.ACK)
 _REQUEST = int(Flag.REQUEST)
 _REPLY = int(Flag.REPLY)
@@ -74,8 +76,19 @@ class Peer:
 
         Returns once the packet is on its way; with ``ack=True``, once the service has
         routed it, raising UnknownDestination if nobody of that name is connected."""
-        target, dst = destination(to)
-        waiter = self._transmit(self._header(target, dst, packet, _ACK if ack else 0), packet, ack)
+        # The hottest call of the API: destination() and _header() inlined.
+        if to == SERVICE_NAME:
+            target = _SERVICE
+        elif type(to) is str and to:
+            target = _ENDING
+        else:
+            destination(to)  # raises the TypeError
+        if not isinstance(packet, Packet):
+            raise TypeError(f"expected a packetstack.Packet, got {type(packet).__name__}")
+        header = PacketHeader(
+            next(self._ids), target, to, self.name, packet.packet_tag, _ACK if ack else 0
+        )
+        waiter = self._transmit(header, packet, ack)
         if waiter is not None:
             await waiter
 

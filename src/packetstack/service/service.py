@@ -350,8 +350,9 @@ class Service(Peer):
 
     def _forward(self, source: Session, destination: Session, event: PacketReceived) -> None:
         link = destination.link
-        if event.frame is not None:
-            link.write(event.frame)
+        data = event.data
+        if type(data) is bytes:  # the exact frame: forward it untouched
+            link.write(data)
         else:
             link.write(link.connection.send_packet(event.header, event.payload))
         self.packets_out += 1

@@ -138,14 +138,14 @@ class Link(asyncio.Protocol):
         return len(self._out)
 
     def write(self, frame: bytes | bytearray) -> None:
-        """Queue a frame; everything queued in this loop iteration goes out in one write."""
+        """Send a frame: the first of a loop iteration at once, the rest coalesced into one
+        write when the iteration ends."""
         if self.closed:
             return
         self._sent = True
         self._out += frame
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._write_through()
 
     def write_packet(self, header: PacketHeader, body: Any, encode_into: BodyEncoder) -> bool:
         """Queue a packet, encoding it straight into the outgoing buffer. Return whether
@@ -156,9 +156,20 @@ class Link(asyncio.Protocol):
         self.connection.append_packet(out, header, body, encode_into)
         self._sent = True
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._write_through()
+            return not self._paused
         return not self._paused and len(out) < self.high_water
+
+    def _write_through(self) -> None:
+        """First write since the last flush: send now, so a lone packet (a request, its
+        reply) waits for no loop iteration; whatever follows in this iteration is
+        coalesced by the flush scheduled here."""
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
+        transport = self.transport
+        if transport is not None and not self._paused:
+            out, self._out = self._out, bytearray()
+            transport.write(out)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
