@@ -219,7 +219,7 @@ def remote_error(body: bytes | memoryview) -> DeliveryError:
     """The exception a requester raises for an error reply."""
     try:
         err = _error_body_decoder.decode(body)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         return RemoteError("malformed error reply", "ProtocolError", ErrorCode.PROTOCOL)
     try:
         code = ErrorCode(err.code)

@@ -4,6 +4,7 @@
 
     PacketStackError
     ├── ConfigError                     bad settings, named with the fix
+    │   └── InvalidName                 a name no ending or group can have
     ├── ProtocolError                   the peer broke the wire protocol
     │   └── FrameTooLarge               a frame over the negotiated maximum
     ├── CodecError                      a packet body could not be (de)serialised
@@ -63,6 +64,10 @@ class PacketStackError(Exception):
 
 class ConfigError(PacketStackError, ValueError):
     """A setting is missing or wrong; the message names the setting and the fix."""
+
+
+class InvalidName(ConfigError):
+    """A name no ending or group can have: empty, over 255 bytes, reserved or unprintable."""
 
 
 class ProtocolError(PacketStackError):

@@ -8,10 +8,12 @@ from typing import Any
 
 from .codec import Packet
 from .dispatch import ERROR_TAG, Context, Handler, HandlerTable, Pending
-from .protocol import SERVICE_NAME, ErrorBody, Flag, PacketHeader, Target
+from .protocol import SERVICE_NAME, ErrorBody, Flag, PacketHeader, Target, check_name
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
+# Names this short fit the 255-byte limit whatever their characters (4 bytes at most each).
+_SURELY_SHORT = 63
 _ENDING = int(Target.ENDING)
 _SERVICE = int(Target.SERVICE)
 _ACK = int(Flag.ACK)
@@ -24,8 +26,10 @@ def destination(to: str) -> tuple[int, str]:
     """(target, dst) for a send or request addressed to an ending name or ``"service"``."""
     if to == SERVICE_NAME:
         return Target.SERVICE, SERVICE_NAME
-    if not isinstance(to, str) or not to:
+    if not isinstance(to, str):
         raise TypeError(f"a destination is an ending's name or 'service', not {to!r}")
+    if not to or len(to) > _SURELY_SHORT:
+        check_name(to)
     return Target.ENDING, to
 
 
@@ -79,10 +83,10 @@ class Peer:
         # The hottest call of the API: destination() and _header() inlined.
         if to == SERVICE_NAME:
             target = _SERVICE
-        elif type(to) is str and to:
+        elif type(to) is str and 0 < len(to) <= _SURELY_SHORT:
             target = _ENDING
         else:
-            destination(to)  # raises the TypeError
+            target = destination(to)[0]  # checks the name; raises TypeError or InvalidName
         if not isinstance(packet, Packet):
             raise TypeError(f"expected a packetstack.Packet, got {type(packet).__name__}")
         header = PacketHeader(
@@ -94,6 +98,7 @@ class Peer:
 
     async def publish(self, group: str, packet: Packet, *, ack: bool = False) -> None:
         """Send a packet to every member of ``group`` except the sender."""
+        check_name(group, "group name")
         header = self._header(Target.GROUP, group, packet, _ACK if ack else 0)
         waiter = self._transmit(header, packet, ack)
         if waiter is not None:

@@ -14,7 +14,6 @@ from ..dispatch import Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
     CloseCode,
-    ConfigError,
     ConnectionClosed,
     ConnectionFailed,
     HandshakeRefused,
@@ -36,7 +35,7 @@ from ..protocol import (
     Role,
     Welcome,
     WelcomeReceived,
-    validate_name,
+    check_name,
 )
 from ..transport import Link, client_ssl_context, connect, parse_url
 
@@ -74,9 +73,7 @@ class Client(Peer):
         connect_timeout: float = 10.0,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
-        problem = validate_name(name)
-        if problem is not None:
-            raise ConfigError(problem)
+        check_name(name)
         super().__init__(name, request_timeout)
         self.endpoint = parse_url(url)
         if self.endpoint.tls and ssl_context is None:
@@ -210,9 +207,7 @@ class Client(Peer):
         self._groups.discard(group)
 
     async def _group(self, group: str, join: bool) -> None:
-        problem = validate_name(group, "group name")
-        if problem is not None:
-            raise ConfigError(problem)
+        check_name(group, "group name")
         link = self._require_link()
         request_id = next(self._ids)
         what = f"{'joining' if join else 'leaving'} {group!r}"
@@ -258,6 +253,9 @@ class Client(Peer):
         self._require_link().write_packet(header, body, encode_into)
 
     # ------------------------------------------------------- link callbacks
+
+    def link_made(self, link: Link) -> None:
+        pass  # the handshake starts in _open(), which waits for WELCOME itself
 
     def link_events(self, link: Link, events: list[Event]) -> None:
         pending = self._pending
@@ -332,6 +330,7 @@ class Client(Peer):
             except HandshakeRefused as exc:
                 if exc.code in _FINAL:
                     log.error("%s cannot reconnect: %s", self.name, exc)
+                    self._pending.fail_all(ConnectionClosed(str(exc), exc.code))
                     break
                 log.info("%s reconnect attempt %d refused: %s", self.name, attempt, exc)
                 continue

@@ -23,6 +23,7 @@ from .frames import (
     PacketHeader,
     Target,
     Welcome,
+    check_name,
     validate_name,
 )
 
@@ -50,5 +51,6 @@ __all__ = [
     "Target",
     "Welcome",
     "WelcomeReceived",
+    "check_name",
     "validate_name",
 ]

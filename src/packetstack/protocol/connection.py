@@ -209,6 +209,7 @@ class Connection:
                     self._buffer = bytearray()  # nothing after CLOSE counts
                     return events
                 is_open = self.state is State.OPEN
+            self._keep_partial(source, pos)
         except ProtocolError as exc:
             self._fault()
             exc.events = events  # type: ignore[attr-defined]
@@ -219,14 +220,22 @@ class Connection:
             error = ProtocolError(f"malformed {_kind_name(kind)} frame header: {exc}")
             error.events = events  # type: ignore[attr-defined]
             raise error from exc
-        if pos < total:
-            self._buffer = bytearray(source[pos:])
-            self._needed = (
-                4 + LENGTH.unpack_from(source, pos)[0] if total - pos >= 4 else PREFIX_SIZE
-            )
-        else:
-            self._buffer = bytearray()
         return events
+
+    def _keep_partial(self, source: bytes, pos: int) -> None:
+        """Buffer the start of a frame that has not fully arrived."""
+        if pos == len(source):
+            self._buffer = bytearray()
+            return
+        self._needed = PREFIX_SIZE
+        if len(source) - pos >= 4:
+            (length,) = LENGTH.unpack_from(source, pos)
+            if length > self.max_frame:  # refuse now, never buffer towards a huge frame
+                raise FrameTooLarge(
+                    f"frame of {length} bytes is over the maximum of {self.max_frame}"
+                )
+            self._needed = 4 + length
+        self._buffer = bytearray(source[pos:])
 
     def _fault(self) -> None:
         self.state = State.CLOSED
@@ -273,10 +282,16 @@ class Connection:
             if self.role is not Role.CLIENT or self.state is not State.HANDSHAKE:
                 raise ProtocolError("WELCOME is only valid as the service's first frame")
             welcome = _welcome.decode(header)
-            if welcome.chunk_size < 1 or welcome.max_frame < welcome.chunk_size + 64:
+            if (
+                welcome.chunk_size < 1
+                or welcome.max_frame < welcome.chunk_size + 64
+                or welcome.heartbeat <= 0
+                or welcome.timeout <= 0
+            ):
                 raise ProtocolError(
                     f"WELCOME limits make no sense: chunk_size {welcome.chunk_size}, "
-                    f"max_frame {welcome.max_frame}"
+                    f"max_frame {welcome.max_frame}, heartbeat {welcome.heartbeat}, "
+                    f"timeout {welcome.timeout}"
                 )
             self.state = State.OPEN
             self.apply_limits(
@@ -380,6 +395,8 @@ class Connection:
             out += _PREFIX_PLACEHOLDER
             _encoder.encode_into(header, out, start + PREFIX_SIZE)
             body_at = len(out)
+            if body_at - start - PREFIX_SIZE > MAX_HEADER:
+                raise ProtocolError(f"a packet header of over {MAX_HEADER} bytes cannot be sent")
             encode_into(body, out, body_at)
             size = len(out) - body_at
             if size > self.chunk_size:

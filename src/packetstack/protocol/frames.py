@@ -12,6 +12,8 @@ import struct
 
 import msgspec
 
+from ..errors import InvalidName
+
 PROTOCOL_VERSION = 1
 
 PREFIX = struct.Struct(">IBH")
@@ -142,3 +144,10 @@ def validate_name(name: object, what: str = "ending name") -> str | None:
     if not name.isprintable():
         return f"{what} {name!r} has unprintable characters"
     return None
+
+
+def check_name(name: object, what: str = "ending name") -> None:
+    """Raise InvalidName unless ``name`` can name an ending (or a group)."""
+    problem = validate_name(name, what)
+    if problem is not None:
+        raise InvalidName(problem)

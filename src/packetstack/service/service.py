@@ -142,8 +142,6 @@ class Service(Peer):
         """Stop listening, say goodbye to every ending (GOING_AWAY) and wait for them."""
         for server in self._servers:
             server.close()
-        # Links asyncio never completed (failed TLS handshakes) have nothing to close.
-        self._links = {link for link in self._links if link.transport is not None}
         for link in list(self._links):
             link.close(CloseCode.GOING_AWAY, "service shutting down")
         waits = [link.closed_future for link in self._links]
@@ -174,16 +172,16 @@ class Service(Peer):
             max_payload=cfg.max_payload,
             chunk_size=cfg.chunk_size,
         )
-        link = Link(connection, self, high_water=cfg.high_water, low_water=cfg.low_water)
+        return Link(connection, self, high_water=cfg.high_water, low_water=cfg.low_water)
+
+    def link_made(self, link: Link) -> None:
+        # Counted from here, not from accept(): a TLS handshake that fails never gets here
+        # and one that completes late still gets its full handshake timeout.
         self._links.add(link)
+        cfg = self.config
         asyncio.get_running_loop().call_later(cfg.handshake_timeout, self._check_handshake, link)
-        return link
 
     def _check_handshake(self, link: Link) -> None:
-        if link.transport is None and not link.closed:
-            # asyncio never completed this connection (a failed TLS handshake).
-            self._links.discard(link)
-            return
         if not link.closed and link not in self._sessions_by_link:
             self.stats["handshake_timeouts"] += 1
             link.close(CloseCode.HANDSHAKE_TIMEOUT, "no HELLO within the handshake timeout")

@@ -26,6 +26,8 @@ DEFAULT_LOW_WATER = 256 * 1024
 class LinkOwner(Protocol):
     """What a Link reports to: the client or the service session above it."""
 
+    def link_made(self, link: Link) -> None: ...
+
     def link_events(self, link: Link, events: list[Event]) -> None: ...
 
     def link_lost(self, link: Link, error: BaseException | None) -> None: ...
@@ -76,6 +78,7 @@ class Link(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=self.high_water, low=self.low_water)
+        self.owner.link_made(self)
 
     def data_received(self, data: bytes) -> None:
         self._received = True
@@ -258,7 +261,7 @@ class Link(asyncio.Protocol):
         """PING when idle for ``interval``; close when nothing arrived for ``timeout``."""
         self._beat_interval = interval
         # That many consecutive beats without a byte from the peer: the silence then lasts
-        # at least `timeout` and less than `timeout + interval`.
+        # at least `timeout` (and at most one interval more than a whole number of them).
         self._beat_limit = max(2, math.ceil(timeout / interval - 1e-9))
         self._beat_handle = self._loop.call_later(interval, self._beat)
 
