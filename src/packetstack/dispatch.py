@@ -111,14 +111,18 @@ class Dispatcher:
     def __init__(self, table: HandlerTable, send_reply: ReplySender) -> None:
         self._table = table
         self._send_reply = send_reply
-        self._queue: deque[PacketReceived] = deque()
+        self.queue: deque[PacketReceived] = deque()  # append, then wake()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.handled = 0
         self.failed = 0
 
     def submit(self, event: PacketReceived) -> None:
-        self._queue.append(event)
+        self.queue.append(event)
+        self.wake()
+
+    def wake(self) -> None:
+        """Have the queued packets handled."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         else:
@@ -134,7 +138,7 @@ class Dispatcher:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
-        queue = self._queue
+        queue = self.queue
         entries = self._table._entries
         loop = asyncio.get_running_loop()
         while True:

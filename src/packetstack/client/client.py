@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Awaitable
 from types import TracebackType
 
-from ..codec import Packet, encode_into
+from ..codec import Packet
 from ..dispatch import Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
@@ -236,13 +236,13 @@ class Client(Peer):
         if ack:
             future = self._pending.expect(header.id, self.request_timeout, "acknowledgement")
             try:
-                link.write_packet(header, body, encode_into)
+                link.write_packet(header, body)
             except BaseException:
                 self._pending.forget(header.id)
                 raise
             self._acks.add(header.id)
             return future
-        if link.write_packet(header, body, encode_into):
+        if link.write_packet(header, body):
             return None
         return link.drain()
 
@@ -250,7 +250,7 @@ class Client(Peer):
         self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
     ) -> None:
         header, body = self._reply(request, packet, error)
-        self._require_link().write_packet(header, body, encode_into)
+        self._require_link().write_packet(header, body)
 
     # ------------------------------------------------------- link callbacks
 
@@ -259,6 +259,9 @@ class Client(Peer):
 
     def link_events(self, link: Link, events: list[Event]) -> None:
         pending = self._pending
+        dispatcher = self._dispatcher
+        queued = len(dispatcher.queue)
+        enqueue = dispatcher.queue.append
         for event in events:
             if type(event) is PacketReceived:
                 header = event.header
@@ -266,7 +269,7 @@ class Client(Peer):
                     if not pending.resolve_reply(header, event.payload):
                         log.debug("late reply to %d from %s", header.corr, header.src)
                 else:
-                    self._dispatcher.submit(event)
+                    enqueue(event)
             elif type(event) is AckReceived:
                 self._acks.discard(event.id)
                 pending.resolve(event.id, None)
@@ -281,6 +284,8 @@ class Client(Peer):
                 link.close_code = _close_code(event.code)
                 link.close_reason = event.reason
                 self._refuse_handshake(event.code, event.reason)
+        if len(dispatcher.queue) > queued:
+            dispatcher.wake()  # once per read, not once per packet
 
     def _refuse_handshake(self, code: int, reason: str) -> None:
         handshake = self._handshake

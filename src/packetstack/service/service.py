@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from ..codec import Packet, encode, encode_into
+from ..codec import Packet, encode
 from ..dispatch import Dispatcher, ReplySender
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, UnknownDestination
 from ..peer import Peer
@@ -405,7 +405,7 @@ class Service(Peer):
             request: PacketHeader, packet: Packet | None, error: ErrorBody | None
         ) -> None:
             header, body = self._reply(request, packet, error)
-            link.write_packet(header, body, encode_into)
+            link.write_packet(header, body)
 
         return send_reply
 

@@ -14,8 +14,9 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from ..codec import ENCODE_ERRORS, encode_body_into, encode_failed
 from ..errors import CloseCode, ConnectionClosed, ProtocolError
-from ..protocol import BodyEncoder, Connection, Event, PacketHeader
+from ..protocol import Connection, Event, PacketHeader
 
 log = logging.getLogger("packetstack.transport")
 
@@ -150,13 +151,16 @@ class Link(asyncio.Protocol):
         if not self._flush_scheduled:
             self._write_through()
 
-    def write_packet(self, header: PacketHeader, body: Any, encode_into: BodyEncoder) -> bool:
+    def write_packet(self, header: PacketHeader, body: Any) -> bool:
         """Queue a packet, encoding it straight into the outgoing buffer. Return whether
         the link is still writable (False: the caller should ``await drain()``)."""
         if self.closed:
             raise ConnectionClosed("connection is closed", self.close_code or CloseCode.NORMAL)
         out = self._out
-        self.connection.append_packet(out, header, body, encode_into)
+        try:
+            self.connection.append_packet(out, header, body, encode_body_into)
+        except ENCODE_ERRORS as exc:
+            raise encode_failed(body, exc) from exc
         self._sent = True
         if not self._flush_scheduled:
             self._write_through()
