@@ -227,7 +227,7 @@ class Connection:
         if pos == len(source):
             self._buffer = bytearray()
             return
-        self._needed = PREFIX_SIZE
+        self._needed = 4  # the length alone is enough to refuse an oversized frame
         if len(source) - pos >= 4:
             (length,) = LENGTH.unpack_from(source, pos)
             if length > self.max_frame:  # refuse now, never buffer towards a huge frame

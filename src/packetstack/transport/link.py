@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import socket
+from time import perf_counter_ns
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -22,6 +23,8 @@ log = logging.getLogger("packetstack.transport")
 
 DEFAULT_HIGH_WATER = 1024 * 1024
 DEFAULT_LOW_WATER = 256 * 1024
+# Writes closer together than this are a burst, coalesced per loop iteration.
+BURST_GAP_NS = 20_000
 
 
 class LinkOwner(Protocol):
@@ -63,6 +66,7 @@ class Link(asyncio.Protocol):
         self._received = False
         self._reading_paused = False
         self._sent = False
+        self._last_direct = 0
         self._idle_beats = 0
         self._beat_handle: asyncio.TimerHandle | None = None
         self._beat_interval = 0.0
@@ -142,8 +146,8 @@ class Link(asyncio.Protocol):
         return len(self._out)
 
     def write(self, frame: bytes | bytearray) -> None:
-        """Send a frame: the first of a loop iteration at once, the rest coalesced into one
-        write when the iteration ends."""
+        """Send a frame: a lone one at once, a burst coalesced into one write when the loop
+        iteration ends (see ``_write_through``)."""
         if self.closed:
             return
         self._sent = True
@@ -164,19 +168,27 @@ class Link(asyncio.Protocol):
         self._sent = True
         if not self._flush_scheduled:
             self._write_through()
-            return not self._paused
         return not self._paused and len(out) < self.high_water
 
     def _write_through(self) -> None:
-        """First write since the last flush: send now, so a lone packet (a request, its
-        reply) waits for no loop iteration; whatever follows in this iteration is
-        coalesced by the flush scheduled here."""
-        self._flush_scheduled = True
-        self._loop.call_soon(self._flush)
+        """Nothing is waiting for a flush. A write that comes BURST_GAP after the last
+        direct one is alone: send it now, costing no loop iteration (a request, its reply,
+        a forwarded packet). One that follows closely starts a burst: it and whatever comes
+        until this loop iteration ends go out in one write from ``_flush``."""
+        now = perf_counter_ns()
         transport = self.transport
-        if transport is not None and not self._paused:
-            out, self._out = self._out, bytearray()
-            transport.write(out)
+        if (
+            now - self._last_direct < BURST_GAP_NS
+            or transport is None
+            or self._paused
+            or self.connection.has_chunks
+        ):
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+            return
+        self._last_direct = now
+        out, self._out = self._out, bytearray()
+        transport.write(out)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
