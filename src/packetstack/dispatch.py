@@ -309,12 +309,7 @@ class Pending:
         self._take(packet_id)
 
     def resolve(self, packet_id: int, value: Any) -> bool:
-        if packet_id not in self._waiting:
-            return False
-        future = self._take(packet_id)
-        if future is not None:
-            future.set_result(value)
-        return True
+        return self._settle(packet_id, value, None)
 
     def resolve_reply(self, header: PacketHeader, payload: memoryview) -> bool:
         """Settle the request ``header`` answers, if it came from the peer asked."""
@@ -324,11 +319,17 @@ class Pending:
         return self.resolve(header.corr, decode_reply(header, payload))
 
     def fail(self, packet_id: int, error: BaseException) -> bool:
+        return self._settle(packet_id, None, error)
+
+    def _settle(self, packet_id: int, value: Any, error: BaseException | None) -> bool:
         if packet_id not in self._waiting:
             return False
         future = self._take(packet_id)
         if future is not None:
-            future.set_exception(error)
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
         return True
 
     def fail_all(self, error: ConnectionClosed, only: set[int] | None = None) -> None:

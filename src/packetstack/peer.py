@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from .codec import Packet
 from .dispatch import ERROR_TAG, Context, Handler, HandlerTable, Pending
@@ -42,6 +43,26 @@ class Peer:
         self._handlers = HandlerTable()
         self._pending = Pending()
         self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def _enter(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self._enter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
     # -------------------------------------------------------------- handlers
 

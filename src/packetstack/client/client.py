@@ -7,7 +7,6 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable
-from types import TracebackType
 
 from ..codec import Packet
 from ..dispatch import Dispatcher, service_error
@@ -97,21 +96,12 @@ class Client(Peer):
 
     # ------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> Client:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     @property
     def connected(self) -> bool:
         return self._link is not None and not self._link.closed and self.welcome is not None
+
+    async def _enter(self) -> None:
+        await self.connect()
 
     async def connect(self) -> None:
         """Connect and shake hands, retrying with backoff for up to ``connect_timeout``.

@@ -417,8 +417,9 @@ class Connection:
         announce = msgspec.structs.replace(
             header, flags=header.flags | _CHUNKED, size=len(payload), stream=stream_id
         )
+        announcing = frame(_PACKET, _encoder.encode(announce))  # raises before anything is queued
         self._out_streams.append(_OutStream(stream_id, payload))
-        return frame(_PACKET, _encoder.encode(announce))
+        return announcing
 
     @property
     def has_chunks(self) -> bool:

@@ -9,7 +9,6 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import msgspec
@@ -101,17 +100,8 @@ class Service(Peer):
 
     # ------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> Service:
+    async def _enter(self) -> None:
         await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         cfg = self.config

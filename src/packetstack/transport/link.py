@@ -11,8 +11,8 @@ import asyncio
 import logging
 import math
 import socket
-from time import perf_counter_ns
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import Any, Protocol, cast
 
 from ..codec import ENCODE_ERRORS, encode_body_into, encode_failed
