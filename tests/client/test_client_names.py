@@ -14,6 +14,7 @@ from packetstack import (
     Context,
     InvalidName,
     Packet,
+    ProtocolError,
     Service,
     UnknownDestination,
 )
@@ -35,6 +36,13 @@ class Answer(Packet):
     packet_tag: ClassVar[str] = "tcn.answer"
     text: str
     by: str
+
+
+class HugeTag(Packet):
+    """A tag that alone makes the packet header longer than 65535 bytes."""
+
+    packet_tag: ClassVar[str] = "tcn." + "t" * 70_000
+    n: int
 
 
 async def pair(make_client: Any) -> tuple[Client, Client, asyncio.Queue[tuple[str, str]]]:
@@ -134,6 +142,23 @@ async def test_a_destination_that_is_not_a_str_raises_type_error(
         await a.send(to, Note("never"))
     with pytest.raises(TypeError):
         await a.request(to, Ask("never"), timeout=WAIT)
+    await assert_still_usable(a, got, service)
+
+
+async def test_a_packet_header_over_64_kib_is_refused_before_anything_is_sent(
+    make_client: Any, service: Service
+) -> None:
+    a, _, got = await pair(make_client)
+    with pytest.raises(ProtocolError, match="65535"):
+        await a.send("b", HugeTag(1))
+    with pytest.raises(ProtocolError):
+        await a.send("b", HugeTag(1), ack=True)
+    with pytest.raises(ProtocolError):
+        await a.request("b", HugeTag(1), timeout=WAIT)
+    with pytest.raises(ProtocolError):
+        await a.publish("room", HugeTag(1))
+    with pytest.raises(ProtocolError):
+        await a.broadcast(HugeTag(1))
     await assert_still_usable(a, got, service)
 
 

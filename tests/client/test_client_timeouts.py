@@ -188,10 +188,11 @@ async def test_the_deadline_heap_follows_what_is_outstanding(make_client: Any) -
     a = await make_client("a")
     b = await make_client("b")
     b.on(Echo)(lambda p, ctx: Echo(p.n))
-    stalling = Stalling(b)
+    # c holds its requests back (a handler runs one packet at a time, so not on b).
+    stalling = Stalling(await make_client("c"))
     try:
-        # A few requests stay outstanding all along (b holds them back).
-        held = [asyncio.ensure_future(a.request("b", Stall(n), timeout=60.0)) for n in range(10)]
+        # A few requests stay outstanding all along.
+        held = [asyncio.ensure_future(a.request("c", Stall(n), timeout=60.0)) for n in range(10)]
         await asyncio.wait_for(stalling.started.wait(), WAIT)
         pending = a._pending
         largest = 0
@@ -218,10 +219,11 @@ async def test_outstanding_requests_still_time_out_after_the_heap_is_rebuilt(
     a = await make_client("a")
     b = await make_client("b")
     b.on(Echo)(lambda p, ctx: Echo(p.n))
-    stalling = Stalling(b)
+    # c holds its requests back (a handler runs one packet at a time, so not on b).
+    stalling = Stalling(await make_client("c"))
     try:
         started = time.monotonic()
-        held = asyncio.ensure_future(a.request("b", Stall(1), timeout=2.0))
+        held = asyncio.ensure_future(a.request("c", Stall(1), timeout=2.0))
         await asyncio.wait_for(stalling.started.wait(), WAIT)
         for n in range(1500):  # past the first rebuild (over 1024 answered entries)
             await a.request("b", Echo(n), timeout=60.0)

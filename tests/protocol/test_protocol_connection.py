@@ -498,7 +498,7 @@ def test_unknown_frame_kind(kind: int) -> None:
 
 
 def test_frame_too_large_as_soon_as_the_length_prefix_arrives() -> None:
-    """Checked on the prefix alone (docs/PROTOCOL.md: once the 7-byte prefix is in), never
+    """Checked on the prefix alone (docs/PROTOCOL.md: once the 4-byte length is in), never
     waiting for a body that may be gigabytes long."""
     service = open_service(max_frame=1000, chunk_size=500)
     prefix = struct.pack(">IBH", 1001, FrameKind.PACKET, 10)

@@ -337,3 +337,26 @@ def test_append_packet_refuses_a_header_of_65536_and_accepts_65535_bytes() -> No
     assert isinstance(event, PacketReceived)
     assert event.header == at_limit
     assert bytes(event.payload) == b"x"
+
+
+@pytest.mark.parametrize("payload", [b"small", bytes(CHUNK_SIZE * 3)], ids=["inline", "chunked"])
+def test_send_packet_refuses_a_header_over_65535_bytes_and_queues_nothing(
+    payload: bytes,
+) -> None:
+    """The service's own sends build frames with send_packet: the same limit, and no
+    outgoing stream may be left behind (its CHUNKs would follow without an announce)."""
+    conn = open_service()
+    with pytest.raises(ProtocolError):
+        conn.send_packet(header(dst="d" * 70_000), payload)
+    assert not conn.has_chunks
+    assert conn.next_chunks(1 << 20) == []
+    # The next packet is announced as stream 1, as if nothing had happened.
+    announce = conn.send_packet(header(2), bytes(CHUNK_SIZE * 2))
+    receiver = open_service()
+    events = receiver.receive_data(announce)
+    for chunk in conn.next_chunks(1 << 20):
+        events += receiver.receive_data(chunk)
+    (event,) = events
+    assert isinstance(event, PacketReceived)
+    assert event.header.id == 2
+    assert bytes(event.payload) == bytes(CHUNK_SIZE * 2)

@@ -60,6 +60,7 @@ _welcome = msgspec.msgpack.Decoder(Welcome)
 
 _CHUNKED = int(Flag.CHUNKED)
 _PREFIX_PLACEHOLDER = bytes(PREFIX_SIZE)
+_FOREVER = 365 * 24 * 3600.0  # longer heartbeats are nonsense (and NaN fails every test)
 
 # encode_into(obj, buffer, offset): msgspec's Encoder.encode_into shape.
 BodyEncoder = Callable[[Any, bytearray, int], None]
@@ -209,6 +210,7 @@ class Connection:
                     self._buffer = bytearray()  # nothing after CLOSE counts
                     return events
                 is_open = self.state is State.OPEN
+                max_frame = self.max_frame  # a WELCOME may have just set it
             self._keep_partial(source, pos)
         except ProtocolError as exc:
             self._fault()
@@ -285,8 +287,8 @@ class Connection:
             if (
                 welcome.chunk_size < 1
                 or welcome.max_frame < welcome.chunk_size + 64
-                or welcome.heartbeat <= 0
-                or welcome.timeout <= 0
+                or not 0 < welcome.heartbeat < _FOREVER
+                or not 0 < welcome.timeout < _FOREVER
             ):
                 raise ProtocolError(
                     f"WELCOME limits make no sense: chunk_size {welcome.chunk_size}, "

@@ -147,7 +147,10 @@ def validate_name(name: object, what: str = "ending name") -> str | None:
 
 
 def check_name(name: object, what: str = "ending name") -> None:
-    """Raise InvalidName unless ``name`` can name an ending (or a group)."""
+    """Raise InvalidName unless ``name`` can name an ending (or a group); TypeError when it
+    is not even a string."""
+    if not isinstance(name, str):
+        raise TypeError(f"a {what} is a str, not {type(name).__name__}")
     problem = validate_name(name, what)
     if problem is not None:
         raise InvalidName(problem)

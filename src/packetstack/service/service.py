@@ -107,7 +107,14 @@ class Service(Peer):
         cfg = self.config
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._new_link, cfg.host, cfg.port, ssl=self._ssl)
+        server = await loop.create_server(
+            self._new_link,
+            cfg.host,
+            cfg.port,
+            ssl=self._ssl,
+            # A peer that never finishes TLS gets no longer than one that never says HELLO.
+            ssl_handshake_timeout=cfg.handshake_timeout if self._ssl is not None else None,
+        )
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
         scheme = "pss" if self._ssl is not None else "ps"
