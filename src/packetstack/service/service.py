@@ -97,6 +97,7 @@ class Service(Peer):
         self._servers: list[asyncio.AbstractServer] = []
         self.port: int = cfg.port
         self._closed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -148,6 +149,7 @@ class Service(Peer):
             link.abort()
         for session in list(self.endings.values()):
             await session.dispatcher.stop()
+        await asyncio.gather(*self._background)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -227,8 +229,14 @@ class Service(Peer):
         if self.endings.get(session.name) is session:
             del self.endings[session.name]
             self._leave_groups(session)
-        asyncio.get_running_loop().create_task(session.dispatcher.stop())
+        self._stop_dispatcher(session)
         log.info("ending %r left (%s)", session.name, link.close_reason or error or "closed")
+
+    def _stop_dispatcher(self, session: Session) -> None:
+        # The loop keeps only weak references to tasks: hold this one until it is done.
+        task = asyncio.get_running_loop().create_task(session.dispatcher.stop())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------ handshake
 
@@ -257,7 +265,7 @@ class Service(Peer):
             log.info("ending %r reconnected; replacing its previous session", hello.name)
             self._sessions_by_link.pop(previous.link, None)
             previous.link.close(CloseCode.REPLACED, "replaced by a newer connection")
-            asyncio.get_running_loop().create_task(previous.dispatcher.stop())
+            self._stop_dispatcher(previous)
             self._leave_groups(previous)
         session = Session(hello.name, link, Dispatcher(self._handlers, self._reply_sender(link)))
         self.endings[hello.name] = session
