@@ -105,12 +105,30 @@ def error_body(code: ErrorCode, exc: BaseException) -> ErrorBody:
     return ErrorBody(int(code), type(exc).__name__, str(exc))
 
 
-class Dispatcher:
-    """Runs handlers for one connection's packets, in order, on one task."""
+# Packets waiting for slow handlers: past HIGH the connection stops reading (TCP then pushes
+# back on the senders), below LOW it reads again.
+QUEUE_HIGH = 8192
+QUEUE_LOW = 2048
+HANDLERS = "handlers"  # the reason a connection's reading is held for its dispatcher
 
-    def __init__(self, table: HandlerTable, send_reply: ReplySender) -> None:
+
+class Dispatcher:
+    """Runs handlers for one connection's packets, in order, on one task.
+
+    ``hold(True)`` is called when handlers fall QUEUE_HIGH packets behind, ``hold(False)``
+    when they are back under QUEUE_LOW: the owner pauses and resumes reading its connection,
+    so slow handlers cannot make the queue, and memory, grow without bound."""
+
+    def __init__(
+        self,
+        table: HandlerTable,
+        send_reply: ReplySender,
+        hold: Callable[[bool], None] | None = None,
+    ) -> None:
         self._table = table
         self._send_reply = send_reply
+        self._hold = hold
+        self.held = False
         self.queue: deque[PacketReceived] = deque()  # append, then wake()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -123,6 +141,9 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Have the queued packets handled."""
+        if len(self.queue) > QUEUE_HIGH and not self.held and self._hold is not None:
+            self.held = True
+            self._hold(True)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         else:
@@ -145,6 +166,8 @@ class Dispatcher:
             # The whole per-packet path is inline here: no coroutine per packet beyond the
             # handler's own.
             while queue:
+                if self.held and len(queue) < QUEUE_LOW:
+                    self._release()
                 event = queue.popleft()
                 header = event.header
                 entry = entries.get(header.tag)
@@ -174,6 +197,11 @@ class Dispatcher:
             self._wakeup = loop.create_future()
             await self._wakeup
             self._wakeup = None
+
+    def _release(self) -> None:
+        self.held = False
+        if self._hold is not None:
+            self._hold(False)
 
     def _unhandled(self, header: PacketHeader) -> None:
         ctx = Context(header)

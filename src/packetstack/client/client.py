@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Awaitable
 
 from ..codec import Packet
-from ..dispatch import Dispatcher, service_error
+from ..dispatch import HANDLERS, Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
     CloseCode,
@@ -86,7 +86,7 @@ class Client(Peer):
         self.welcome: Welcome | None = None
         self._link: Link | None = None
         self._handshake: asyncio.Future[Welcome] | None = None
-        self._dispatcher = Dispatcher(self._handlers, self._send_reply)
+        self._dispatcher = Dispatcher(self._handlers, self._send_reply, self._hold_reading)
         self._groups: set[str] = set()
         self._acks: set[int] = set()
         self._closing = False
@@ -243,6 +243,11 @@ class Client(Peer):
         self._require_link().write_packet(header, body)
 
     # ------------------------------------------------------- link callbacks
+
+    def _hold_reading(self, hold: bool) -> None:
+        # The dispatcher outlives links (reconnects): hold whichever link is current.
+        if self._link is not None:
+            self._link.hold_reading(hold, HANDLERS)
 
     def link_made(self, link: Link) -> None:
         pass  # the handshake starts in _open(), which waits for WELCOME itself

@@ -8,13 +8,14 @@ import logging
 import ssl
 from collections import Counter
 from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ..codec import Packet, encode
-from ..dispatch import Dispatcher, ReplySender
+from ..dispatch import HANDLERS, Dispatcher, ReplySender
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, UnknownDestination
 from ..peer import Peer
 from ..protocol import (
@@ -224,7 +225,7 @@ class Service(Peer):
         if session is None:
             return
         for source in session.held_sources:
-            source.resume_reading()
+            source.resume_reading(session)
         session.held_sources.clear()
         if self.endings.get(session.name) is session:
             del self.endings[session.name]
@@ -267,7 +268,10 @@ class Service(Peer):
             previous.link.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._stop_dispatcher(previous)
             self._leave_groups(previous)
-        session = Session(hello.name, link, Dispatcher(self._handlers, self._reply_sender(link)))
+        dispatcher = Dispatcher(
+            self._handlers, self._reply_sender(link), partial(link.hold_reading, reason=HANDLERS)
+        )
+        session = Session(hello.name, link, dispatcher)
         self.endings[hello.name] = session
         self._sessions_by_link[link] = session
         link.write(
@@ -368,12 +372,12 @@ class Service(Peer):
         if source in destination.held_sources:
             return
         destination.held_sources.add(source)
-        source.pause_reading()
+        source.pause_reading(destination)
         self.stats["backpressure_pauses"] += 1
 
         def release() -> None:
             for held in destination.held_sources:
-                held.resume_reading()
+                held.resume_reading(destination)
             destination.held_sources.clear()
 
         destination.link.on_writable(release)

@@ -65,6 +65,7 @@ class Link(asyncio.Protocol):
         self._resume_callbacks: list[Callable[[], None]] = []
         self._received = False
         self._reading_paused = False
+        self._read_holds: set[object] = set()
         self._sent = False
         self._last_direct = 0
         self._idle_beats = 0
@@ -244,15 +245,26 @@ class Link(asyncio.Protocol):
             for callback in callbacks:
                 callback()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self._reading_paused = True
+    def pause_reading(self, reason: object = None) -> None:
+        """Stop reading until every reason given here has been resumed: the service's
+        routing and a dispatcher falling behind may both hold the same connection."""
+        if self.transport is not None and not self._read_holds:
             self.transport.pause_reading()
+        self._read_holds.add(reason)
+        self._reading_paused = True
 
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+    def resume_reading(self, reason: object = None) -> None:
+        self._read_holds.discard(reason)
+        if not self._read_holds and self._reading_paused:
             self._reading_paused = False
-            self.transport.resume_reading()
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def hold_reading(self, hold: bool, reason: object = None) -> None:
+        if hold:
+            self.pause_reading(reason)
+        else:
+            self.resume_reading(reason)
 
     # ---------------------------------------------------------------- closing
 
