@@ -70,7 +70,8 @@ async def test_a_stalled_handler_holds_reading_and_loses_nothing(make_client) ->
 
 
 async def test_a_stalled_service_handler_holds_only_that_session(
-    service: Service, make_client  # type: ignore[no-untyped-def]
+    service: Service,
+    make_client,  # type: ignore[no-untyped-def]
 ) -> None:
     fast = await make_client("fast")
     bystander = await make_client("bystander")
