@@ -326,34 +326,30 @@ class Pending:
         if deadlines:
             self._arm(loop, deadlines[0][0])
 
-    def _take(self, packet_id: int) -> asyncio.Future[Any] | None:
-        entry = self._waiting.pop(packet_id, None)
-        if entry is None:
-            return None
-        future = entry[0]
-        return None if future.done() else future
-
     def forget(self, packet_id: int) -> None:
-        self._take(packet_id)
+        self._waiting.pop(packet_id, None)
 
     def resolve(self, packet_id: int, value: Any) -> bool:
         return self._settle(packet_id, value, None)
 
-    def resolve_reply(self, header: PacketHeader, payload: memoryview) -> bool:
-        """Settle the request ``header`` answers, if it came from the peer asked."""
+    def resolve_reply(self, event: PacketReceived) -> bool:
+        """Settle the request ``event`` answers, if it came from the peer asked."""
+        header = event.header
         entry = self._waiting.get(header.corr)
         if entry is None or entry[2] != header.src:
             return False
-        return self.resolve(header.corr, decode_reply(header, payload))
+        reply = decode_reply(header, memoryview(event.data)[event.offset :])
+        return self._settle(header.corr, reply, None)
 
     def fail(self, packet_id: int, error: BaseException) -> bool:
         return self._settle(packet_id, None, error)
 
     def _settle(self, packet_id: int, value: Any, error: BaseException | None) -> bool:
-        if packet_id not in self._waiting:
+        entry = self._waiting.pop(packet_id, None)
+        if entry is None:
             return False
-        future = self._take(packet_id)
-        if future is not None:
+        future = entry[0]
+        if not future.done():
             if error is None:
                 future.set_result(value)
             else:

@@ -81,12 +81,23 @@ class Peer:
 
     # --------------------------------------------------------------- sending
 
-    def _header(
-        self, target: int, dst: str, packet: Packet, flags: int, corr: int = 0
-    ) -> PacketHeader:
+    def _header(self, target: int, dst: str, packet: Packet, flags: int) -> PacketHeader:
         if not isinstance(packet, Packet):
             raise TypeError(f"expected a packetstack.Packet, got {type(packet).__name__}")
-        return PacketHeader(next(self._ids), target, dst, self.name, packet.packet_tag, flags, corr)
+        return PacketHeader(next(self._ids), target, dst, self.name, packet.packet_tag, flags)
+
+    def _addressed(self, to: str, packet: Packet, flags: int) -> PacketHeader:
+        """The header of a packet to the ending named ``to`` (or ``"service"``): the hot
+        path of send and request, with destination() and _header() inlined."""
+        if to == SERVICE_NAME:
+            target = _SERVICE
+        elif type(to) is str and 0 < len(to) <= _SURELY_SHORT:
+            target = _ENDING
+        else:
+            target = destination(to)[0]  # checks the name; raises TypeError or InvalidName
+        if not isinstance(packet, Packet):
+            raise TypeError(f"expected a packetstack.Packet, got {type(packet).__name__}")
+        return PacketHeader(next(self._ids), target, to, self.name, packet.packet_tag, flags)
 
     def _transmit(
         self, header: PacketHeader, body: Packet | ErrorBody, ack: bool
@@ -101,18 +112,7 @@ class Peer:
 
         Returns once the packet is on its way; with ``ack=True``, once the service has
         routed it, raising UnknownDestination if nobody of that name is connected."""
-        # The hottest call of the API: destination() and _header() inlined.
-        if to == SERVICE_NAME:
-            target = _SERVICE
-        elif type(to) is str and 0 < len(to) <= _SURELY_SHORT:
-            target = _ENDING
-        else:
-            target = destination(to)[0]  # checks the name; raises TypeError or InvalidName
-        if not isinstance(packet, Packet):
-            raise TypeError(f"expected a packetstack.Packet, got {type(packet).__name__}")
-        header = PacketHeader(
-            next(self._ids), target, to, self.name, packet.packet_tag, _ACK if ack else 0
-        )
+        header = self._addressed(to, packet, _ACK if ack else 0)
         waiter = self._transmit(header, packet, ack)
         if waiter is not None:
             await waiter
@@ -137,10 +137,9 @@ class Peer:
 
         Raises RequestTimeout, UnknownDestination, RemoteError (the far handler raised or
         could not read the packet) or ConnectionClosed."""
-        target, dst = destination(to)
-        header = self._header(target, dst, packet, _REQUEST)
+        header = self._addressed(to, packet, _REQUEST)
         limit = self.request_timeout if timeout is None else timeout
-        future = self._pending.expect(header.id, limit, header.tag, dst)
+        future = self._pending.expect(header.id, limit, header.tag, to)
         try:
             waiter = self._transmit(header, packet, False)
             if waiter is not None:
@@ -156,12 +155,14 @@ class Peer:
     def _reply(
         self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
     ) -> tuple[PacketHeader, Packet | ErrorBody]:
-        """Header and body answering ``request`` with a packet or an error."""
-        target = Target.SERVICE if request.src == SERVICE_NAME else Target.ENDING
-        if error is not None:
-            header = PacketHeader(
-                next(self._ids), target, request.src, self.name, ERROR_TAG, _REPLY_ERROR, request.id
-            )
-            return header, error
-        assert packet is not None
-        return self._header(target, request.src, packet, _REPLY, request.id), packet
+        """Header and body answering ``request`` with a packet or an error. ``packet`` is
+        a Packet already: the dispatcher checked what its handler returned."""
+        src = request.src
+        target = _SERVICE if src == SERVICE_NAME else _ENDING
+        body: Packet | ErrorBody
+        if error is None:
+            assert packet is not None
+            body, tag, flags = packet, packet.packet_tag, _REPLY
+        else:
+            body, tag, flags = error, ERROR_TAG, _REPLY_ERROR
+        return PacketHeader(next(self._ids), target, src, self.name, tag, flags, request.id), body

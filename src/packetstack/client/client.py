@@ -239,8 +239,10 @@ class Client(Peer):
     def _send_reply(
         self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
     ) -> None:
-        header, body = self._reply(request, packet, error)
-        self._require_link().write_packet(header, body)
+        link = self._link
+        if link is None or link.closed:
+            link = self._require_link()
+        link.write_packet(*self._reply(request, packet, error))
 
     # ------------------------------------------------------- link callbacks
 
@@ -261,7 +263,7 @@ class Client(Peer):
             if type(event) is PacketReceived:
                 header = event.header
                 if header.flags & _REPLY:
-                    if not pending.resolve_reply(header, event.payload):
+                    if not pending.resolve_reply(event):
                         log.debug("late reply to %d from %s", header.corr, header.src)
                 else:
                     enqueue(event)

@@ -329,7 +329,7 @@ class Service(Peer):
                     self._forward(session, member, event)
         elif target in (_SERVICE, _ENDING):
             if header.flags & _REPLY:
-                if not self._pending.resolve_reply(header, event.payload):
+                if not self._pending.resolve_reply(event):
                     log.debug("late reply to %d from %s", header.corr, header.src)
             else:
                 session.dispatcher.submit(event)
