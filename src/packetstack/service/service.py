@@ -359,11 +359,11 @@ class Service(Peer):
         link = destination.link
         data = event.data
         if type(data) is bytes:  # the exact frame: forward it untouched
-            link.write(data)
+            writable = link.write(data)
         else:
-            link.write(link.connection.send_packet(event.header, event.payload))
+            writable = link.write(link.connection.send_packet(event.header, event.payload))
         self.packets_out += 1
-        if not link.writable:
+        if not writable:
             self._hold(source.link, destination)
 
     def _hold(self, source: Link, destination: Session) -> None:
@@ -437,8 +437,7 @@ class Service(Peer):
         slow = []
         for member in members:
             link = member.link
-            link.write(link.connection.send_packet(header, payload))
-            if not link.writable:
+            if not link.write(link.connection.send_packet(header, payload)):
                 slow.append(link)
         return _drain_all(slow) if slow else None
 

@@ -137,24 +137,20 @@ class Link(asyncio.Protocol):
         return str(self.transport.get_extra_info("peername") or "local socket")
 
     @property
-    def writable(self) -> bool:
-        """False while the peer is not keeping up: the caller should hold back."""
-        return not self._paused and len(self._out) < self.high_water
-
-    @property
     def pending_bytes(self) -> int:
         """Bytes queued in this loop iteration, not yet handed to the socket."""
         return len(self._out)
 
-    def write(self, frame: bytes | bytearray) -> None:
+    def write(self, frame: bytes | bytearray) -> bool:
         """Send a frame: a lone one at once, a burst coalesced into one write when the loop
-        iteration ends (see ``_write_through``)."""
-        if self.closed:
-            return
-        self._sent = True
-        self._out += frame
-        if not self._flush_scheduled:
-            self._write_through()
+        iteration ends (see ``_write_through``). Return whether the link is still
+        writable: False while the peer is not keeping up, and the caller should hold back."""
+        if not self.closed:
+            self._sent = True
+            self._out += frame
+            if not self._flush_scheduled:
+                self._write_through()
+        return not self._paused and len(self._out) < self.high_water
 
     def write_packet(self, header: PacketHeader, body: Any) -> bool:
         """Queue a packet, encoding it straight into the outgoing buffer. Return whether
