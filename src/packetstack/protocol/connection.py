@@ -81,6 +81,12 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# An enum member costs a class attribute lookup (~60 ns on 3.11): receive_data, called
+# for every read, compares against these instead.
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
+
+
 class _InStream:
     __slots__ = ("buffer", "discard", "header", "remaining")
 
@@ -163,7 +169,7 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Parse bytes into events. Raise ProtocolError (with the events parsed before the
         fault in ``error.events``) when the peer breaks the protocol."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return []
         buffer = self._buffer
         if buffer:
@@ -178,11 +184,13 @@ class Connection:
         pos = 0
         kind = 0
         max_frame = self.max_frame
-        is_open = self.state is State.OPEN
+        is_open = self.state is _OPEN
         decode_header = _packet_header.decode
+        unpack_prefix = PREFIX.unpack_from
+        append = events.append
         try:
             while total - pos >= PREFIX_SIZE:
-                length, kind, hlen = PREFIX.unpack_from(source, pos)
+                length, kind, hlen = unpack_prefix(source, pos)
                 if length > max_frame:
                     raise FrameTooLarge(
                         f"frame of {length} bytes is over the maximum of {max_frame}"
@@ -195,13 +203,13 @@ class Connection:
                 raw = source[pos:end]
                 pos = end
                 header_end = PREFIX_SIZE + hlen
-                if header_end > len(raw):
+                if hlen > length - KIND_AND_HLEN:
                     raise ProtocolError(f"header length {hlen} runs past the end of its frame")
                 if kind == _PACKET and is_open:
                     # The hot path: one small header decode, the payload stays a view.
                     header = decode_header(raw[PREFIX_SIZE:header_end])
                     if not header.flags & _CHUNKED:
-                        events.append(PacketReceived(header, raw, header_end))
+                        append(PacketReceived(header, raw, header_end))
                         continue
                     self._open_stream(header, memoryview(raw)[header_end:], events)
                     continue
@@ -209,9 +217,10 @@ class Connection:
                 if self.closed:
                     self._buffer = bytearray()  # nothing after CLOSE counts
                     return events
-                is_open = self.state is State.OPEN
+                is_open = self.state is _OPEN
                 max_frame = self.max_frame  # a WELCOME may have just set it
-            self._keep_partial(source, pos)
+            if pos < total or buffer:  # else every byte is parsed and none was buffered
+                self._keep_partial(source, pos)
         except ProtocolError as exc:
             self._fault()
             exc.events = events  # type: ignore[attr-defined]
