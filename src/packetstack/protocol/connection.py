@@ -402,22 +402,22 @@ class Connection:
         into it: the hot path builds no intermediate bytes. ``encode_into(body, buffer,
         offset)`` writes the body. On any error ``out`` is left as it was."""
         start = len(out)
+        header_at = start + PREFIX_SIZE
         try:
             out += _PREFIX_PLACEHOLDER
-            _encoder.encode_into(header, out, start + PREFIX_SIZE)
+            _encoder.encode_into(header, out, header_at)
             body_at = len(out)
-            if body_at - start - PREFIX_SIZE > MAX_HEADER:
+            hlen = body_at - header_at
+            if hlen > MAX_HEADER:
                 raise ProtocolError(f"a packet header of over {MAX_HEADER} bytes cannot be sent")
             encode_into(body, out, body_at)
-            size = len(out) - body_at
-            if size > self.chunk_size:
+            end = len(out)
+            if end - body_at > self.chunk_size:
                 payload = bytes(out[body_at:])
                 del out[start:]
                 out += self.send_packet(header, payload)
                 return
-            PREFIX.pack_into(
-                out, start, len(out) - start - 4, _PACKET, body_at - start - PREFIX_SIZE
-            )
+            PREFIX.pack_into(out, start, end - start - 4, _PACKET, hlen)
         except BaseException:
             del out[start:]
             raise
