@@ -356,9 +356,13 @@ class Pending:
                 future.set_exception(error)
         return True
 
-    def fail_all(self, error: ConnectionClosed, only: set[int] | None = None) -> None:
-        for packet_id in list(self._waiting if only is None else only):
-            self.fail(packet_id, error)
+    def fail_all(self, error: ConnectionClosed, *, acks_only: bool = False) -> None:
+        """Fail everything waiting, or with ``acks_only`` only what no peer replies to
+        (acknowledgements of sends and group changes): those come from this connection's
+        service alone and cannot arrive on the next one."""
+        for packet_id, (_, _, replier) in list(self._waiting.items()):
+            if not acks_only or replier is None:
+                self._settle(packet_id, None, error)
 
 
 def decode_reply(header: PacketHeader, payload: memoryview) -> Packet | BaseException:

@@ -88,7 +88,6 @@ class Client(Peer):
         self._handshake: asyncio.Future[Welcome] | None = None
         self._dispatcher = Dispatcher(self._handlers, self._send_reply, self._hold_reading)
         self._groups: set[str] = set()
-        self._acks: set[int] = set()
         self._closing = False
         self._reconnector: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -202,7 +201,6 @@ class Client(Peer):
         request_id = next(self._ids)
         what = f"{'joining' if join else 'leaving'} {group!r}"
         future = self._pending.expect(request_id, self.request_timeout, what)
-        self._acks.add(request_id)
         link.write(link.connection.group_frame(request_id, group, join))
         await future
 
@@ -230,7 +228,6 @@ class Client(Peer):
             except BaseException:
                 self._pending.forget(header.id)
                 raise
-            self._acks.add(header.id)
             return future
         if link.write_packet(header, body):
             return None
@@ -268,10 +265,8 @@ class Client(Peer):
                 else:
                     enqueue(event)
             elif type(event) is AckReceived:
-                self._acks.discard(event.id)
                 pending.resolve(event.id, None)
             elif type(event) is ErrorReceived:
-                self._acks.discard(event.ref)
                 if not pending.fail(event.ref, service_error(event.code, event.message)):
                     log.warning("service reported on packet %d: %s", event.ref, event.message)
             elif type(event) is WelcomeReceived:
@@ -311,8 +306,7 @@ class Client(Peer):
             link.close_reason,
         )
         # Acks can no longer arrive; replies still can, after a reconnect under our name.
-        self._pending.fail_all(lost, only=set(self._acks))
-        self._acks.clear()
+        self._pending.fail_all(lost, acks_only=True)
         if self._closing:
             return
         if not self.reconnect or code in _FINAL:

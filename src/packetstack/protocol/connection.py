@@ -113,6 +113,10 @@ def _kind_name(kind: int) -> str:
         return f"kind-{kind}"
 
 
+def _frame_too_large(length: int, max_frame: int) -> FrameTooLarge:
+    return FrameTooLarge(f"frame of {length} bytes is over the maximum of {max_frame}")
+
+
 def frame(kind: int, header: bytes, payload: bytes | memoryview = b"") -> bytes:
     """Assemble one frame."""
     hlen = len(header)
@@ -192,9 +196,7 @@ class Connection:
             while total - pos >= PREFIX_SIZE:
                 length, kind, hlen = unpack_prefix(source, pos)
                 if length > max_frame:
-                    raise FrameTooLarge(
-                        f"frame of {length} bytes is over the maximum of {max_frame}"
-                    )
+                    raise _frame_too_large(length, max_frame)
                 if length < KIND_AND_HLEN:
                     raise ProtocolError(f"frame length {length} is shorter than its prefix")
                 end = pos + 4 + length
@@ -242,9 +244,7 @@ class Connection:
         if len(source) - pos >= 4:
             (length,) = LENGTH.unpack_from(source, pos)
             if length > self.max_frame:  # refuse now, never buffer towards a huge frame
-                raise FrameTooLarge(
-                    f"frame of {length} bytes is over the maximum of {self.max_frame}"
-                )
+                raise _frame_too_large(length, self.max_frame)
             self._needed = 4 + length
         self._buffer = bytearray(source[pos:])
 

@@ -64,8 +64,7 @@ class Link(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._resume_callbacks: list[Callable[[], None]] = []
         self._received = False
-        self._reading_paused = False
-        self._read_holds: set[object] = set()
+        self._read_holds: set[object] = set()  # reasons reading is paused, if any
         self._sent = False
         self._last_direct = 0
         self._idle_beats = 0
@@ -180,8 +179,7 @@ class Link(asyncio.Protocol):
             or self._paused
             or self.connection.has_chunks
         ):
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._schedule_flush()
             return
         self._last_direct = now
         out, self._out = self._out, bytearray()
@@ -247,13 +245,12 @@ class Link(asyncio.Protocol):
         if self.transport is not None and not self._read_holds:
             self.transport.pause_reading()
         self._read_holds.add(reason)
-        self._reading_paused = True
 
     def resume_reading(self, reason: object = None) -> None:
-        self._read_holds.discard(reason)
-        if not self._read_holds and self._reading_paused:
-            self._reading_paused = False
-            if self.transport is not None and not self.closed:
+        holds = self._read_holds
+        if reason in holds:
+            holds.discard(reason)
+            if not holds and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
     def hold_reading(self, hold: bool, reason: object = None) -> None:
@@ -292,7 +289,7 @@ class Link(asyncio.Protocol):
     def _beat(self) -> None:
         if self.closed:
             return
-        if self._received or self._reading_paused:
+        if self._received or self._read_holds:
             # While we hold reading back, the peer's silence is ours, not a leak.
             self._received = False
             self._idle_beats = 0
