@@ -135,10 +135,6 @@ class Dispatcher:
         self.handled = 0
         self.failed = 0
 
-    def submit(self, event: PacketReceived) -> None:
-        self.queue.append(event)
-        self.wake()
-
     def wake(self) -> None:
         """Have the queued packets handled."""
         if len(self.queue) > QUEUE_HIGH and not self.held and self._hold is not None:

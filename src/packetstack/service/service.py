@@ -97,7 +97,6 @@ class Service(Peer):
         self._sessions_by_link: dict[Link, Session] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self.port: int = cfg.port
-        self._closed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ lifecycle
@@ -159,10 +158,6 @@ class Service(Peer):
             # anyway, but a stale file misleads anyone looking.
             Path(self.config.unix_path).unlink(missing_ok=True)
         self._pending.fail_all(_service_closed())
-        self._closed.set()
-
-    async def serve_forever(self) -> None:
-        await self._closed.wait()
 
     def _new_link(self) -> Link:
         cfg = self.config
@@ -199,6 +194,8 @@ class Service(Peer):
                 elif type(event) is CloseReceived:
                     return
             return
+        dispatcher = session.dispatcher
+        queued = len(dispatcher.queue)
         for event in events:
             if type(event) is PacketReceived:
                 self._route(session, event)
@@ -218,6 +215,8 @@ class Service(Peer):
                 link.close_code = CloseCode.NORMAL
             elif type(event) in (AckReceived, ErrorReceived):
                 pass  # endings do not acknowledge the service's packets in protocol v1
+        if len(dispatcher.queue) > queued:
+            dispatcher.wake()  # once per read, not once per packet
 
     def link_lost(self, link: Link, error: BaseException | None) -> None:
         self._links.discard(link)
@@ -332,7 +331,7 @@ class Service(Peer):
                 if not self._pending.resolve_reply(event):
                     log.debug("late reply to %d from %s", header.corr, header.src)
             else:
-                session.dispatcher.submit(event)
+                session.dispatcher.queue.append(event)  # woken at the end of the read
         else:
             session.link.write(
                 session.link.connection.error_frame(
