@@ -1,15 +1,21 @@
 """Shared fixtures: a running service on a free port, clients that close themselves,
-and a guard for tests that need one of the machine's real servers."""
+child processes that are cleaned up, a test CA with a server certificate, and a guard for
+tests that need one of the machine's real servers. Plain helpers are in support.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from packetstack import Client, Service
 
@@ -54,3 +60,41 @@ async def make_client(service: Service) -> AsyncIterator[ClientFactory]:
     yield make
     for client in clients:
         await client.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Child processes to clean up: resumed if stopped, then killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A test CA (one per test module)."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_cert(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("127.0.0.1")
+
+
+@pytest.fixture
+def cafile(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def server_context(server_cert: trustme.LeafCert) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(context)
+    return context

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from support import clean_env, cli_command, free_port
 
 from packetstack import Client, Context, Packet
 
@@ -26,25 +25,6 @@ class CliPing(Packet):
     n: int
 
 
-def command(*args: str) -> list[str]:
-    exe = shutil.which("packetstack")
-    if exe is not None:
-        return [exe, *args]
-    return [sys.executable, "-m", "packetstack.cli", *args]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKETSTACK_")}
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Serve:
     """``packetstack serve ...`` in the background, output in a file."""
 
@@ -52,7 +32,7 @@ class Serve:
         self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                command("serve", *args),
+                cli_command("serve", *args),
                 stdout=log,
                 stderr=log,
                 cwd=tmp_path,
@@ -101,7 +81,7 @@ def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProc
 
 
 def test_demo_runs_to_completion(tmp_path: Path) -> None:
-    result = run(command("demo"), tmp_path)
+    result = run(cli_command("demo"), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo finished" in result.stdout
     assert "bob   <- alice: 'hello, bob'" in result.stdout
@@ -215,7 +195,7 @@ def test_serve_reads_config_file(tmp_path: Path, serving: list[Serve]) -> None:
 
 
 def test_serve_bad_port_exits_2_naming_it(tmp_path: Path) -> None:
-    result = run(command("serve", "--port", "70000"), tmp_path)
+    result = run(cli_command("serve", "--port", "70000"), tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error:" in result.stderr
     assert "port 70000" in result.stderr
@@ -223,14 +203,14 @@ def test_serve_bad_port_exits_2_naming_it(tmp_path: Path) -> None:
 
 
 def test_serve_bad_env_value_exits_2(tmp_path: Path) -> None:
-    result = run(command("serve"), tmp_path, PACKETSTACK_HEARTBEAT="often")
+    result = run(cli_command("serve"), tmp_path, PACKETSTACK_HEARTBEAT="often")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "heartbeat" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_serve_missing_config_exits_2_naming_the_file(tmp_path: Path) -> None:
-    result = run(command("serve", "--config", "missing.toml"), tmp_path)
+    result = run(cli_command("serve", "--config", "missing.toml"), tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "missing.toml" in result.stderr
     assert "Traceback" not in result.stderr
@@ -242,7 +222,7 @@ def test_serve_port_in_use_exits_2(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = run(
-            command("serve", "--port", str(port), "--data-dir", str(tmp_path / "d")), tmp_path
+            cli_command("serve", "--port", str(port), "--data-dir", str(tmp_path / "d")), tmp_path
         )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error:" in result.stderr

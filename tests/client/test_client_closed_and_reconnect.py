@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from support import eventually
 
 from packetstack import (
     Client,
@@ -38,12 +39,6 @@ class Ask(Packet):
 class Answer(Packet):
     packet_tag: ClassVar[str] = "tcc.answer"
     text: str
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def new_service(tmp_path: Path, port: int = 0) -> Service:

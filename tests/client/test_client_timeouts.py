@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from support import eventually
 
 from packetstack import (
     Client,
@@ -33,12 +34,6 @@ class Stall(Packet):
 class Echo(Packet):
     packet_tag: ClassVar[str] = "tct.echo"
     n: int
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 class Stalling:

@@ -1,6 +1,6 @@
 """The sans-I/O Connection: a CLIENT and a SERVICE wired together without sockets.
 
-Frames the tests craft by hand are built with :func:`raw_frame`, which follows the wire
+Frames the tests craft by hand are built with :func:`support.raw_frame`, which follows the wire
 layout (``length:u32 | kind:u8 | header_length:u16 | header | payload``) independently
 of the library's own frame builder.
 """
@@ -13,6 +13,17 @@ from collections.abc import Iterable
 
 import msgspec
 import pytest
+from support import (
+    CHUNK_SIZE,
+    MAX_FRAME,
+    MAX_PAYLOAD,
+    header,
+    pack,
+    pair,
+    raw_frame,
+    service_conn,
+    welcome,
+)
 
 from packetstack.errors import CloseCode, FrameTooLarge, PayloadTooLarge, ProtocolError
 from packetstack.protocol import (
@@ -33,65 +44,11 @@ from packetstack.protocol import (
     Role,
     State,
     Target,
-    Welcome,
     WelcomeReceived,
 )
 from packetstack.protocol.connection import MAX_OPEN_STREAMS
 
-MAX_FRAME = 4096
-MAX_PAYLOAD = 100_000
-CHUNK_SIZE = 1024
-
-
 # ----------------------------------------------------------------- helpers
-
-
-def raw_frame(kind: int, header: bytes = b"\x90", payload: bytes = b"") -> bytes:
-    """One frame, assembled by the spec rather than by the code under test."""
-    body = struct.pack(">BH", kind, len(header)) + header + payload
-    return struct.pack(">I", len(body)) + body
-
-
-def pack(obj: object) -> bytes:
-    return msgspec.msgpack.encode(obj)
-
-
-def welcome(**overrides: object) -> Welcome:
-    fields: dict[str, object] = {
-        "v": 1,
-        "session": "sess-1",
-        "heartbeat": 5.0,
-        "timeout": 15.0,
-        "max_frame": MAX_FRAME,
-        "max_payload": MAX_PAYLOAD,
-        "chunk_size": CHUNK_SIZE,
-    }
-    fields.update(overrides)
-    return Welcome(**fields)  # type: ignore[arg-type]
-
-
-def service_conn(**limits: int) -> Connection:
-    options = {"max_frame": MAX_FRAME, "max_payload": MAX_PAYLOAD, "chunk_size": CHUNK_SIZE}
-    options.update(limits)
-    return Connection(Role.SERVICE, **options)
-
-
-def pair(**service_limits: int) -> tuple[Connection, Connection]:
-    """A CLIENT and a SERVICE connection after a full HELLO/WELCOME handshake."""
-    client = Connection(Role.CLIENT)
-    service = service_conn(**service_limits)
-    events = service.receive_data(client.hello_frame(Hello(1, "alpha")))
-    assert events == [HelloReceived(Hello(1, "alpha"))]
-    w = welcome(
-        max_frame=service.max_frame,
-        max_payload=service.max_payload,
-        chunk_size=service.chunk_size,
-    )
-    events = client.receive_data(service.welcome_frame(w))
-    assert events == [WelcomeReceived(w)]
-    assert client.state is State.OPEN
-    assert service.state is State.OPEN
-    return client, service
 
 
 def open_service(**limits: int) -> Connection:
@@ -114,18 +71,6 @@ def feed_frames(conn: Connection, frames: Iterable[bytes]) -> list[Event]:
     for f in frames:
         events += conn.receive_data(f)
     return events
-
-
-def header(pid: int = 1, **overrides: object) -> PacketHeader:
-    fields: dict[str, object] = {
-        "id": pid,
-        "target": int(Target.ENDING),
-        "dst": "beta",
-        "src": "alpha",
-        "tag": "demo.move",
-    }
-    fields.update(overrides)
-    return PacketHeader(**fields)  # type: ignore[arg-type]
 
 
 def packets(events: list[Event]) -> list[PacketReceived]:

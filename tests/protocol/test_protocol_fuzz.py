@@ -11,6 +11,8 @@ from typing import Any
 import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import pair, service_conn, welcome
+from support import raw_frame as frame
 
 from packetstack.errors import CloseCode, ProtocolError
 from packetstack.protocol import (
@@ -30,7 +32,6 @@ from packetstack.protocol import (
     Role,
     State,
     Target,
-    Welcome,
     WelcomeReceived,
 )
 
@@ -56,14 +57,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-WELCOME = Welcome(
-    v=1,
-    session="s-1",
-    heartbeat=5.0,
-    timeout=15.0,
-    max_frame=MAX_FRAME,
-    max_payload=MAX_PAYLOAD,
-    chunk_size=CHUNK_SIZE,
+WELCOME = welcome(
+    session="s-1", max_frame=MAX_FRAME, max_payload=MAX_PAYLOAD, chunk_size=CHUNK_SIZE
 )
 
 
@@ -71,18 +66,11 @@ WELCOME = Welcome(
 
 
 def new_service() -> Connection:
-    return Connection(
-        Role.SERVICE, max_frame=MAX_FRAME, max_payload=MAX_PAYLOAD, chunk_size=CHUNK_SIZE
-    )
+    return service_conn(max_frame=MAX_FRAME, max_payload=MAX_PAYLOAD, chunk_size=CHUNK_SIZE)
 
 
 def handshake() -> tuple[Connection, Connection]:
-    client = Connection(Role.CLIENT)
-    service = new_service()
-    service.receive_data(client.hello_frame(Hello(1, "alpha")))
-    client.receive_data(service.welcome_frame(WELCOME))
-    assert client.state is service.state is State.OPEN
-    return client, service
+    return pair(WELCOME, max_frame=MAX_FRAME, max_payload=MAX_PAYLOAD, chunk_size=CHUNK_SIZE)
 
 
 def receiver(kind: str) -> Connection:
@@ -130,11 +118,6 @@ def feed_checked(conn: Connection, chunks: list[bytes]) -> list[Event]:
         assert all(isinstance(e, EVENT_TYPES) for e in got)
         events += got
     return events
-
-
-def frame(kind: int, header: bytes, payload: bytes = b"") -> bytes:
-    body = struct.pack(">BH", kind, len(header)) + header + payload
-    return struct.pack(">I", len(body)) + body
 
 
 # --------------------------------------------------------------- strategies

@@ -8,10 +8,12 @@ header | payload``), independently of the library's own frame builder.
 
 from __future__ import annotations
 
+import functools
 import struct
 
-import msgspec
 import pytest
+import support
+from support import CHUNK_SIZE, MAX_FRAME, pack, raw_frame, service_conn
 
 from packetstack.errors import CloseCode, FrameTooLarge, ProtocolError
 from packetstack.protocol import (
@@ -19,41 +21,18 @@ from packetstack.protocol import (
     FrameKind,
     Hello,
     HelloReceived,
-    PacketHeader,
     PacketReceived,
     PingReceived,
     Role,
     State,
-    Target,
-    Welcome,
     WelcomeReceived,
 )
-
-MAX_FRAME = 4096
-MAX_PAYLOAD = 100_000
-CHUNK_SIZE = 1024
-
 
 # A PACKET prefix announcing a frame of 0x00100000 = 1 MiB bytes, cut after 5 bytes.
 OVERSIZED_5 = b"\x00\x10\x00\x00\x03"
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def raw_frame(kind: int, header: bytes = b"\x90", payload: bytes = b"") -> bytes:
-    body = struct.pack(">BH", kind, len(header)) + header + payload
-    return struct.pack(">I", len(body)) + body
-
-
-def pack(obj: object) -> bytes:
-    return msgspec.msgpack.encode(obj)
-
-
-def service_conn(**limits: int) -> Connection:
-    options = {"max_frame": MAX_FRAME, "max_payload": MAX_PAYLOAD, "chunk_size": CHUNK_SIZE}
-    options.update(limits)
-    return Connection(Role.SERVICE, **options)
 
 
 def open_service(**limits: int) -> Connection:
@@ -67,30 +46,9 @@ def open_service(**limits: int) -> Connection:
     return service
 
 
-def welcome(**overrides: object) -> Welcome:
-    fields: dict[str, object] = {
-        "v": 1,
-        "session": "alpha",
-        "heartbeat": 5.0,
-        "timeout": 15.0,
-        "max_frame": MAX_FRAME,
-        "max_payload": MAX_PAYLOAD,
-        "chunk_size": CHUNK_SIZE,
-    }
-    fields.update(overrides)
-    return Welcome(**fields)  # type: ignore[arg-type]
-
-
-def header(pid: int = 1, **overrides: object) -> PacketHeader:
-    fields: dict[str, object] = {
-        "id": pid,
-        "target": int(Target.ENDING),
-        "dst": "beta",
-        "src": "alpha",
-        "tag": "lim.blob",
-    }
-    fields.update(overrides)
-    return PacketHeader(**fields)  # type: ignore[arg-type]
+# This file's WELCOME session and packet tag (header sizes below depend on the tag).
+welcome = functools.partial(support.welcome, session="alpha")
+header = functools.partial(support.header, tag="lim.blob")
 
 
 def raw_encode_into(body: object, buffer: bytearray, offset: int) -> None:

@@ -4,35 +4,32 @@ while legitimate endings keep exchanging packets without loss."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
 import signal
 import struct
 import subprocess
-import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
 import msgspec
 import pytest
+from support import RawPeer, close_raw, open_raw, spawn_script, wait_until
 
 from packetstack import Client, Context, Packet, Service, UnknownDestination
-from packetstack.errors import CloseCode, ProtocolError
+from packetstack.errors import CloseCode
 from packetstack.protocol import (
     CloseReceived,
     Connection,
-    Event,
     FrameKind,
     Hello,
     PacketHeader,
     PacketReceived,
     Role,
     Target,
-    WelcomeReceived,
 )
 from packetstack.protocol.connection import frame
 
@@ -91,16 +88,6 @@ WORKER = textwrap.dedent(
 # ----------------------------------------------------------------- helpers
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not predicate():
-        if loop.time() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return loop.time() - start
-
-
 @pytest.fixture
 async def fault_service(tmp_path: Path) -> AsyncIterator[Service]:
     async with Service(
@@ -114,30 +101,10 @@ async def fault_service(tmp_path: Path) -> AsyncIterator[Service]:
         yield running
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.wait(timeout=10)
-
-
 def spawn_worker(
     tmp_path: Path, url: str, processes: list[subprocess.Popen[bytes]], name: str = "worker"
 ) -> subprocess.Popen[bytes]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKETSTACK_")}
-    with open(tmp_path / f"worker-{len(processes)}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), url, name], stdout=log, stderr=log, env=env
-        )
-    processes.append(proc)
-    return proc
+    return spawn_script(tmp_path, WORKER, [url, name], processes)
 
 
 async def wait_worker(service: Service, boss: Client, proc: subprocess.Popen[bytes]) -> None:
@@ -236,53 +203,6 @@ async def _replace_frozen(
 # -------------------------------------------------------- hostile input
 
 
-class RawPeer(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.parser = Connection(Role.CLIENT)
-        self.transport: asyncio.Transport | None = None
-        self.events: list[Event] = []
-        self.parse_error: ProtocolError | None = None
-        self.changed = asyncio.Event()
-        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.events.extend(self.parser.receive_data(data))
-        except ProtocolError as exc:
-            self.parse_error = exc
-        self.changed.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
-        self.changed.set()
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        if not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close_codes(self) -> list[int]:
-        return [e.code for e in self.events if type(e) is CloseReceived]
-
-    async def handshake(self, name: str) -> None:
-        self.send(self.parser.hello_frame(Hello(1, name)))
-        async with asyncio.timeout(5):
-            while not any(type(e) is WelcomeReceived for e in self.events):
-                assert not self.lost.done(), f"{name} closed before WELCOME: {self.events}"
-                self.changed.clear()
-                await self.changed.wait()
-
-
-async def open_raw(port: int) -> RawPeer:
-    loop = asyncio.get_running_loop()
-    _, peer = await asyncio.wait_for(loop.create_connection(RawPeer, "127.0.0.1", port), 5)
-    return peer
-
-
 def header_bytes(header: object) -> bytes:
     return msgspec.msgpack.encode(header)
 
@@ -351,8 +271,7 @@ async def run_hostile(
         assert peer.parse_error is None, f"{name}: {peer.parse_error}"
         return peer
     finally:
-        if peer.transport is not None:
-            peer.transport.abort()
+        close_raw(peer)
 
 
 async def test_hostile_connections_are_closed_while_legitimate_traffic_is_not_lost(

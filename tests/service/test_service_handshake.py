@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from support import eventually
 
 from packetstack import (
     AuthenticationFailed,
@@ -34,12 +35,6 @@ class Pong(Packet):
     packet_tag: ClassVar[str] = "tsh.pong"
     n: int
     by: str
-
-
-async def eventually(predicate: Any, timeout: float = WAIT) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

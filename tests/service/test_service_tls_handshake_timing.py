@@ -27,35 +27,11 @@ from packetstack.protocol import (
 WAIT = 3.0
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_cert(ca: trustme.CA) -> trustme.LeafCert:
-    return ca.issue_cert("127.0.0.1")
-
-
-@pytest.fixture
-def cafile(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
 @pytest.fixture
 def other_cafile(tmp_path: Path) -> str:
     path = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(path))
     return str(path)
-
-
-@pytest.fixture
-def server_context(server_cert: trustme.LeafCert) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_cert.configure_cert(context)
-    return context
 
 
 @pytest.fixture

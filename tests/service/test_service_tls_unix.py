@@ -45,30 +45,6 @@ def answer_pings(client: Client, via: str) -> None:
         return Pong(packet.n, f"{client.name}<-{ctx.sender}", via)
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_cert(ca: trustme.CA) -> trustme.LeafCert:
-    return ca.issue_cert("127.0.0.1")
-
-
-@pytest.fixture
-def cafile(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture
-def server_context(server_cert: trustme.LeafCert) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_cert.configure_cert(context)
-    return context
-
-
 @pytest.fixture
 async def tls_service(tmp_path: Path, server_context: ssl.SSLContext) -> AsyncIterator[Service]:
     async with Service(

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
 import msgspec
 import pytest
+from support import RawPeer, close_raw, open_raw
 
 from packetstack import Client, Context, Packet, Service
 from packetstack.errors import ProtocolError
 from packetstack.protocol import (
-    Connection,
-    Event,
     Hello,
     PacketHeader,
     PacketReceived,
-    Role,
     Target,
     WelcomeReceived,
 )
@@ -58,21 +55,13 @@ class BpAsk(Packet):
 _flood_decoder = msgspec.msgpack.Decoder(BpFlood)
 
 
-class RawPeer(asyncio.Protocol):
-    """A hand-driven ending: parses everything it reads with a client-side Connection."""
+class FloodPeer(RawPeer):
+    """A raw ending that keeps only the sequence numbers of the BpFlood packets it reads."""
 
     def __init__(self) -> None:
-        self.parser = Connection(Role.CLIENT)
-        self.transport: asyncio.Transport | None = None
-        self.events: list[Event] = []
+        super().__init__()
         self.flood_seqs: list[int] = []
         self.bytes_read = 0
-        self.parse_error: ProtocolError | None = None
-        self.changed = asyncio.Event()
-        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.bytes_read += len(data)
@@ -88,40 +77,9 @@ class RawPeer(asyncio.Protocol):
                 self.events.append(event)
         self.changed.set()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
-        self.changed.set()
 
-    def send(self, frame: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(frame)
-
-    async def wait_for(self, predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-
-async def open_raw(port: int, rcvbuf: int | None = None) -> RawPeer:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:
-        # Before connect, so the advertised window is small from the start.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 5)
-        _, peer = await loop.create_connection(RawPeer, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    return peer
-
-
-async def raw_ending(port: int, name: str, rcvbuf: int | None = None) -> RawPeer:
-    peer = await open_raw(port, rcvbuf)
+async def raw_ending(port: int, name: str, rcvbuf: int | None = None) -> FloodPeer:
+    peer = await open_raw(port, rcvbuf, FloodPeer)
     peer.send(peer.parser.hello_frame(Hello(1, name)))
     await peer.wait_for(lambda: any(type(e) is WelcomeReceived for e in peer.events), timeout=5)
     return peer
@@ -165,7 +123,7 @@ async def _stall(progress, timeout: float, quiet: float = 1.0) -> None:  # type:
                 last, since = now, loop.time()
 
 
-async def _pinger(peer: RawPeer, interval: float) -> None:
+async def _pinger(peer: FloodPeer, interval: float) -> None:
     """Keep a non-reading raw ending alive: it still writes PINGs."""
     while True:
         await asyncio.sleep(interval)
@@ -272,8 +230,7 @@ async def test_slow_reader_blocks_fast_sender_with_bounded_service_memory(
         await _cancel(pinger)
         for client in (fast, c1, c2):
             await client.close()
-        if slow.transport is not None:
-            slow.transport.abort()
+        close_raw(slow)
 
 
 async def test_fast_sender_is_not_disconnected_while_held_longer_than_heartbeat_timeout(
@@ -318,8 +275,7 @@ async def test_fast_sender_is_not_disconnected_while_held_longer_than_heartbeat_
             await _cancel(flood_task)
             await _cancel(pinger)
             await fast.close()
-            if slow.transport is not None:
-                slow.transport.abort()
+            close_raw(slow)
 
 
 async def test_held_sender_that_dies_is_still_dropped(tmp_path: Path) -> None:
@@ -368,5 +324,4 @@ async def test_held_sender_that_dies_is_still_dropped(tmp_path: Path) -> None:
         finally:
             await _cancel(pinger)
             for peer in (slow, fast):
-                if peer.transport is not None:
-                    peer.transport.abort()
+                close_raw(peer)

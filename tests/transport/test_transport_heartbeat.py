@@ -4,30 +4,31 @@ process is frozen are dropped in bounded time; live but idle peers are kept."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from support import (
+    ServiceProcess,
+    clean_env,
+    close_raw,
+    free_port,
+    open_raw,
+    spawn_script,
+    wait_until,
+)
 
 from packetstack import Client, Packet, Service, UnknownDestination
-from packetstack.errors import CloseCode, ProtocolError
+from packetstack.errors import CloseCode
 from packetstack.protocol import (
     CloseReceived,
-    Connection,
-    Event,
     Hello,
     PingReceived,
-    Role,
-    WelcomeReceived,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -82,81 +83,6 @@ WORKER = textwrap.dedent(
 # ----------------------------------------------------------------- helpers
 
 
-class RawPeer(asyncio.Protocol):
-    """A hand-driven socket that parses what it reads as a client would."""
-
-    def __init__(self) -> None:
-        self.parser = Connection(Role.CLIENT)
-        self.transport: asyncio.Transport | None = None
-        self.events: list[Event] = []
-        self.parse_error: ProtocolError | None = None
-        self.changed = asyncio.Event()
-        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.events.extend(self.parser.receive_data(data))
-        except ProtocolError as exc:
-            self.parse_error = exc
-        self.changed.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
-        self.changed.set()
-
-    def send(self, frame: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(frame)
-
-    def closes(self) -> list[CloseReceived]:
-        return [e for e in self.events if type(e) is CloseReceived]
-
-    async def welcomed(self, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not any(type(e) is WelcomeReceived for e in self.events):
-                assert not self.lost.done(), f"closed before WELCOME: {self.events}"
-                self.changed.clear()
-                await self.changed.wait()
-
-
-async def open_raw(port: int) -> RawPeer:
-    loop = asyncio.get_running_loop()
-    _, peer = await asyncio.wait_for(loop.create_connection(RawPeer, "127.0.0.1", port), 5)
-    return peer
-
-
-def close_raw(peer: RawPeer) -> None:
-    if peer.transport is not None:
-        peer.transport.abort()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Wait for ``predicate``; return the seconds it took."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not predicate():
-        if loop.time() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return loop.time() - start
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKETSTACK_")}
-    env.update(extra)
-    return env
-
-
 @pytest.fixture
 async def hb_service(tmp_path: Path) -> AsyncIterator[Service]:
     async with Service(
@@ -168,19 +94,6 @@ async def hb_service(tmp_path: Path) -> AsyncIterator[Service]:
         handshake_timeout=HANDSHAKE_TIMEOUT,
     ) as running:
         yield running
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Child processes to clean up: resumed if stopped, then killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 # -------------------------------------------------- silent after handshake
@@ -307,18 +220,7 @@ async def test_handshake_timeout_spares_completed_handshakes(hb_service: Service
 def spawn_worker(
     tmp_path: Path, url: str, name: str, processes: list[subprocess.Popen[bytes]]
 ) -> subprocess.Popen[bytes]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    log = open(tmp_path / f"worker-{len(processes)}.log", "wb")  # noqa: SIM115
-    with log:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), url, name],
-            stdout=log,
-            stderr=log,
-            env=clean_env(),
-        )
-    processes.append(proc)
-    return proc
+    return spawn_script(tmp_path, WORKER, [url, name], processes)
 
 
 async def test_frozen_client_process_is_declared_gone_then_rejoins_when_resumed(
@@ -351,35 +253,6 @@ async def test_frozen_client_process_is_declared_gone_then_rejoins_when_resumed(
 # --------------------------------------------- client side: frozen service
 
 
-class ServiceProcess:
-    def __init__(self, port: int, workdir: Path, env: dict[str, str]) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.log_path = workdir / "service.log"
-        exe = shutil.which("packetstack")
-        cmd = [exe] if exe else [sys.executable, "-m", "packetstack.cli"]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*cmd, "serve", "--port", str(port), "--data-dir", str(workdir / "data")],
-                stdout=log,
-                stderr=log,
-                cwd=workdir,
-                env=env,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def wait_listening(self, timeout: float = 20.0) -> None:
-        marker = f"listening on ps://127.0.0.1:{self.port}"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while marker not in self.log():
-            if self.proc.poll() is not None or loop.time() > deadline:
-                pytest.fail(f"service did not start ({self.proc.poll()}):\n{self.log()}")
-            await asyncio.sleep(0.05)
-
-
 async def test_client_detects_frozen_service_and_reconnects_after_it_resumes(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -387,7 +260,7 @@ async def test_client_detects_frozen_service_and_reconnects_after_it_resumes(
         PACKETSTACK_HEARTBEAT=str(HEARTBEAT), PACKETSTACK_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT)
     )
     server = ServiceProcess(free_port(), tmp_path, env)
-    processes.append(server.proc)
+    processes.append(server.start())
     await server.wait_listening()
     client = Client("watcher", f"ps://127.0.0.1:{server.port}", backoff_max=0.3)
     try:

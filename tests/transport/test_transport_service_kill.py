@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from support import ServiceProcess, free_port, wait_until
 
 from packetstack import Client, ConnectionClosed, Context, Packet
 
@@ -39,76 +34,6 @@ class SkSlowAsk(Packet):
     n: int
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cli_command(*args: str) -> list[str]:
-    exe = shutil.which("packetstack")
-    if exe is not None:
-        return [exe, *args]
-    return [sys.executable, "-m", "packetstack.cli", *args]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PACKETSTACK_")}
-
-
-class ServiceProcess:
-    """``packetstack serve`` in a child process, its log in a file."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.starts = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "service-0.log"
-
-    @property
-    def url(self) -> str:
-        return f"ps://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.starts += 1
-        self.log_path = self.workdir / f"service-{self.starts}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cli_command("serve", "--port", str(self.port), "--data-dir", str(self.data_dir)),
-                stdout=log,
-                stderr=log,
-                cwd=self.workdir,
-                env=clean_env(),
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def wait_listening(self, timeout: float = 20.0) -> None:
-        marker = f"listening on ps://127.0.0.1:{self.port}"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        assert self.proc is not None
-        while marker not in self.log():
-            if self.proc.poll() is not None:
-                pytest.fail(f"service exited with {self.proc.returncode}:\n{self.log()}")
-            if loop.time() > deadline:
-                pytest.fail(f"service did not log {marker!r} within {timeout} s:\n{self.log()}")
-            await asyncio.sleep(0.05)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def service_process(tmp_path: Path) -> Iterator[ServiceProcess]:
     process = ServiceProcess(free_port(), tmp_path)
@@ -116,15 +41,6 @@ def service_process(tmp_path: Path) -> Iterator[ServiceProcess]:
         yield process
     finally:
         process.stop()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def exchange(a: Client, b: Client, inbox: dict[str, list[SkMsg]], phase: str) -> None:
