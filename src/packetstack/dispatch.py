@@ -12,7 +12,7 @@ import heapq
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,6 +23,7 @@ from .errors import (
     ConnectionClosed,
     DeliveryError,
     ErrorCode,
+    MailboxFull,
     PayloadTooLarge,
     RemoteError,
     RequestTimeout,
@@ -52,6 +53,10 @@ class Context(msgspec.Struct, gc=False):
     received packet."""
 
     header: PacketHeader
+    # The service's sequence number for this delivery to this ending (0 for packets that
+    # are not deliveries: replies, packets to the service). The same packet redelivered
+    # after a crash keeps it, so (ending, seq) can key idempotent side effects.
+    seq: int = 0
 
     @property
     def sender(self) -> str:
@@ -110,6 +115,8 @@ def error_body(code: ErrorCode, exc: BaseException) -> ErrorBody:
 QUEUE_HIGH = 8192
 QUEUE_LOW = 2048
 HANDLERS = "handlers"  # the reason a connection's reading is held for its dispatcher
+# Deliveries handled between two progress reports while the queue is never empty.
+PROGRESS_EVERY = 256
 
 
 class Dispatcher:
@@ -117,17 +124,24 @@ class Dispatcher:
 
     ``hold(True)`` is called when handlers fall QUEUE_HIGH packets behind, ``hold(False)``
     when they are back under QUEUE_LOW: the owner pauses and resumes reading its connection,
-    so slow handlers cannot make the queue, and memory, grow without bound."""
+    so slow handlers cannot make the queue, and memory, grow without bound.
+
+    ``progress(seq)`` is told the sequence number of the last delivery whose handler has
+    finished: when the queue runs dry, and every PROGRESS_EVERY deliveries meanwhile (the
+    client acknowledges deliveries with it)."""
 
     def __init__(
         self,
         table: HandlerTable,
         send_reply: ReplySender,
         hold: Callable[[bool], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         self._table = table
         self._send_reply = send_reply
         self._hold = hold
+        self._progress = progress
+        self.done_seq = 0  # the last delivery handled (its handler returned or failed)
         self.held = False
         self.queue: deque[PacketReceived] = deque()  # append, then wake()
         self._wakeup: asyncio.Future[None] | None = None
@@ -158,20 +172,24 @@ class Dispatcher:
         queue = self.queue
         entries = self._table._entries
         loop = asyncio.get_running_loop()
+        seq = reported = self.done_seq
         while True:
             # The whole per-packet path is inline here: no coroutine per packet beyond the
             # handler's own.
             while queue:
                 if self.held and len(queue) < QUEUE_LOW:
                     self._release()
+                if seq - reported >= PROGRESS_EVERY:
+                    reported = self._report(seq)
                 event = queue.popleft()
+                seq = event.seq or seq  # read before the handler runs; done after it
                 header = event.header
                 entry = entries.get(header.tag)
                 if entry is None:
                     self._unhandled(header)
                     continue
                 decode, handler, is_async = entry
-                ctx = Context(header)
+                ctx = Context(header, event.seq)
                 try:
                     packet = decode(memoryview(event.data)[event.offset :])
                 except DECODE_ERRORS as exc:
@@ -190,9 +208,17 @@ class Dispatcher:
                 self.handled += 1
                 if header.flags & _REQUEST:
                     self._answer(ctx, result)
+            if seq != reported:
+                reported = self._report(seq)
             self._wakeup = loop.create_future()
             await self._wakeup
             self._wakeup = None
+
+    def _report(self, seq: int) -> int:
+        self.done_seq = seq
+        if self._progress is not None:
+            self._progress(seq)
+        return seq
 
     def _release(self) -> None:
         self.held = False
@@ -262,6 +288,8 @@ def service_error(code: int, message: str) -> Exception:
         return UnknownDestination(message)
     if code == ErrorCode.PAYLOAD_TOO_LARGE:
         return PayloadTooLarge(message)
+    if code == ErrorCode.MAILBOX_FULL:
+        return MailboxFull(message)
     return DeliveryError(f"{message} (code {code})")
 
 
@@ -352,11 +380,15 @@ class Pending:
                 future.set_exception(error)
         return True
 
-    def fail_all(self, error: ConnectionClosed, *, acks_only: bool = False) -> None:
+    def fail_all(
+        self, error: ConnectionClosed, *, acks_only: bool = False, keep: Container[int] = ()
+    ) -> None:
         """Fail everything waiting, or with ``acks_only`` only what no peer replies to
         (acknowledgements of sends and group changes): those come from this connection's
-        service alone and cannot arrive on the next one."""
+        service alone and cannot arrive on the next one. Ids in ``keep`` go on waiting."""
         for packet_id, (_, _, replier) in list(self._waiting.items()):
+            if packet_id in keep:
+                continue
             if not acks_only or replier is None:
                 self._settle(packet_id, None, error)
 

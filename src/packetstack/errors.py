@@ -13,12 +13,15 @@
     │   ├── PacketEncodeError           a value the codec cannot encode (register_type it)
     │   └── PacketDecodeError           the body does not validate against its class
     ├── PayloadTooLarge                 refused before anything was sent
+    ├── StoreError                      the embedded store could not read or write
     ├── ConnectionFailed                could not reach or keep the service
     │   ├── HandshakeRefused            the service said no at handshake
     │   │   └── AuthenticationFailed    wrong or missing token
     │   └── ConnectionClosed            the connection is gone (or was never up)
     └── DeliveryError                   a packet or request could not be delivered
         ├── UnknownDestination          no ending or group of that name
+        ├── MailboxFull                 the offline ending's mailbox is at its limit
+        ├── OutboxFull                  the client's outbox is full while disconnected
         ├── RequestTimeout              no reply in time (also a TimeoutError)
         └── RemoteError                 the far side's handler raised
 
@@ -41,6 +44,7 @@ class ErrorCode(enum.IntEnum):
     HANDLER_FAILED = 6
     NO_HANDLER = 7
     INTERNAL = 8
+    MAILBOX_FULL = 9
 
 
 class CloseCode(enum.IntEnum):
@@ -106,6 +110,10 @@ class PayloadTooLarge(PacketStackError):
     """An encoded packet is over the maximum payload size; nothing was sent."""
 
 
+class StoreError(PacketStackError):
+    """The embedded store could not open, read or write its database."""
+
+
 class ConnectionFailed(PacketStackError, ConnectionError):
     """The service could not be reached, or the connection could not be kept."""
 
@@ -137,6 +145,15 @@ class DeliveryError(PacketStackError):
 
 class UnknownDestination(DeliveryError, LookupError):
     """No ending (or group) of that name is known to the service."""
+
+
+class MailboxFull(DeliveryError):
+    """The destination's mailbox holds its limit of packets or bytes and its overflow
+    policy is ``reject``: the packet was not stored."""
+
+
+class OutboxFull(DeliveryError):
+    """The client is disconnected and its outbox already holds ``outbox_limit`` packets."""
 
 
 class RequestTimeout(DeliveryError, TimeoutError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
@@ -21,6 +22,22 @@ _ACK = int(Flag.ACK)
 _REQUEST = int(Flag.REQUEST)
 _REPLY = int(Flag.REPLY)
 _REPLY_ERROR = int(Flag.REPLY | Flag.ERROR)
+_NOTIFY = int(Flag.NOTIFY)
+
+
+def first_packet_id() -> int:
+    """Packet ids count up from a random start, so a restarted process does not reuse the
+    ids of its previous life (the service's mailboxes drop a repeated (sender, id))."""
+    return secrets.randbits(52) + 1
+
+
+def ttl_ms(ttl: float | None) -> int:
+    """A time to live in seconds as the header carries it (0: the service's default)."""
+    if ttl is None:
+        return 0
+    if not ttl > 0:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    return max(1, round(ttl * 1000))
 
 
 def destination(to: str) -> tuple[int, str]:
@@ -42,7 +59,7 @@ class Peer:
         self.request_timeout = request_timeout
         self._handlers = HandlerTable()
         self._pending = Pending()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_packet_id())
 
     # ------------------------------------------------------------- lifecycle
 
@@ -107,20 +124,46 @@ class Peer:
         common case then costs no extra coroutine."""
         raise NotImplementedError
 
-    async def send(self, to: str, packet: Packet, *, ack: bool = False) -> None:
+    async def send(
+        self,
+        to: str,
+        packet: Packet,
+        *,
+        ack: bool = False,
+        ttl: float | None = None,
+        notify_expired: bool = False,
+    ) -> None:
         """Send a packet to the ending named ``to`` (or ``"service"``).
 
-        Returns once the packet is on its way; with ``ack=True``, once the service has
-        routed it, raising UnknownDestination if nobody of that name is connected."""
-        header = self._addressed(to, packet, _ACK if ack else 0)
+        Connected or not, the ending gets it: the service keeps it in the ending's mailbox
+        for ``ttl`` seconds (default: the service's ``mailbox_ttl``, 3 hours) until it
+        connects. Returns once the packet is on its way; with ``ack=True``, once it is
+        durably stored at the service or handled by the ending, raising MailboxFull when
+        the mailbox is full. With ``notify_expired=True`` the sender receives an
+        :class:`~packetstack.notices.Expired` packet if it expires or is dropped."""
+        flags = (_ACK if ack else 0) | (_NOTIFY if notify_expired else 0)
+        header = self._addressed(to, packet, flags)
+        if ttl is not None:
+            header.ttl = ttl_ms(ttl)
         waiter = self._transmit(header, packet, ack)
         if waiter is not None:
             await waiter
 
-    async def publish(self, group: str, packet: Packet, *, ack: bool = False) -> None:
-        """Send a packet to every member of ``group`` except the sender."""
+    async def publish(
+        self,
+        group: str,
+        packet: Packet,
+        *,
+        ack: bool = False,
+        ttl: float | None = None,
+        notify_expired: bool = False,
+    ) -> None:
+        """Send a packet to every member of ``group`` except the sender; members that are
+        offline find it in their mailboxes. Options as for ``send``."""
         check_name(group, "group name")
-        header = self._header(Target.GROUP, group, packet, _ACK if ack else 0)
+        flags = (_ACK if ack else 0) | (_NOTIFY if notify_expired else 0)
+        header = self._header(Target.GROUP, group, packet, flags)
+        header.ttl = ttl_ms(ttl)
         waiter = self._transmit(header, packet, ack)
         if waiter is not None:
             await waiter
@@ -133,12 +176,14 @@ class Peer:
             await waiter
 
     async def request(self, to: str, packet: Packet, *, timeout: float | None = None) -> Any:
-        """Send a request and return the reply packet.
+        """Send a request and return the reply packet. A request to an ending that is not
+        connected waits in its mailbox for at most ``timeout``.
 
-        Raises RequestTimeout, UnknownDestination, RemoteError (the far handler raised or
-        could not read the packet) or ConnectionClosed."""
+        Raises RequestTimeout, MailboxFull, RemoteError (the far handler raised or could
+        not read the packet) or ConnectionClosed."""
         header = self._addressed(to, packet, _REQUEST)
         limit = self.request_timeout if timeout is None else timeout
+        header.ttl = ttl_ms(limit)  # nobody waits for an answer after that
         future = self._pending.expect(header.id, limit, header.tag, to)
         try:
             waiter = self._transmit(header, packet, False)

@@ -6,9 +6,12 @@ import asyncio
 import logging
 import random
 import ssl
+from collections import deque
 from collections.abc import Awaitable
 
-from ..codec import Packet
+import msgspec
+
+from ..codec import Packet, encode
 from ..dispatch import HANDLERS, Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
@@ -16,6 +19,8 @@ from ..errors import (
     ConnectionClosed,
     ConnectionFailed,
     HandshakeRefused,
+    OutboxFull,
+    PayloadTooLarge,
     ProtocolError,
 )
 from ..peer import DEFAULT_REQUEST_TIMEOUT, Peer
@@ -36,11 +41,14 @@ from ..protocol import (
     WelcomeReceived,
     check_name,
 )
+from ..protocol.frames import DEFAULT_MAX_PAYLOAD
 from ..transport import Link, client_ssl_context, connect, parse_url
 
 log = logging.getLogger("packetstack.client")
 
 _REPLY = int(Flag.REPLY)
+_RESENT = int(Flag.RESENT)
+DEFAULT_OUTBOX_LIMIT = 10_000
 
 # Close codes after which reconnecting cannot help.
 _FINAL = {
@@ -55,7 +63,14 @@ class Client(Peer):
     """An ending: ``async with Client("worker-1", "ps://127.0.0.1:7400") as client: ...``.
 
     It reconnects by itself after a lost connection (exponential backoff with full jitter,
-    between ``backoff_initial`` and ``backoff_max`` seconds) and rejoins its groups.
+    between ``backoff_initial`` and ``backoff_max`` seconds) and rejoins its groups. While
+    it is reconnecting, sends wait in an outbox of at most ``outbox_limit`` packets and go
+    out, in order, once it is back; ``ack=True`` sends not yet acknowledged when the
+    connection broke are sent again (the service drops any it already has).
+
+    Deliveries carry the service's sequence number for this ending: the client handles
+    each once, in order, and acknowledges them after their handlers ran, so the service
+    redelivers exactly what was not handled when a connection breaks.
     """
 
     def __init__(
@@ -71,6 +86,7 @@ class Client(Peer):
         backoff_max: float = 5.0,
         connect_timeout: float = 10.0,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        outbox_limit: int = DEFAULT_OUTBOX_LIMIT,
     ) -> None:
         check_name(name)
         super().__init__(name, request_timeout)
@@ -86,8 +102,18 @@ class Client(Peer):
         self.welcome: Welcome | None = None
         self._link: Link | None = None
         self._handshake: asyncio.Future[Welcome] | None = None
-        self._dispatcher = Dispatcher(self._handlers, self._send_reply, self._hold_reading)
+        self._dispatcher = Dispatcher(
+            self._handlers, self._send_reply, self._hold_reading, self._acknowledge
+        )
         self._groups: set[str] = set()
+        self.outbox_limit = outbox_limit
+        # Packets sent while reconnecting, in order: (header, payload).
+        self._outbox: deque[tuple[PacketHeader, bytes]] = deque()
+        # ack=True packets sent and not yet acknowledged, by id (in id order).
+        self._unacked: dict[int, tuple[PacketHeader, bytes]] = {}
+        self._epoch = ""  # the service store whose sequence numbers _delivered counts
+        self._delivered = 0  # the highest sequence number taken for handling
+        self.repeats_dropped = 0
         self._closing = False
         self._reconnector: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -156,10 +182,32 @@ class Client(Peer):
         self._link = link
         self.welcome = welcome
         link.start_heartbeat(welcome.heartbeat, welcome.timeout)
+        self._resume_deliveries(link, welcome)
         for group in sorted(self._groups):
             link.write(link.connection.group_frame(next(self._ids), group, True))
+        self._send_held(link)
         self._connected.set()
         log.info("%s connected to %s", self.name, self.endpoint)
+
+    def _resume_deliveries(self, link: Link, welcome: Welcome) -> None:
+        if welcome.epoch != self._epoch:
+            # A service store we have not seen (or a fresh one): count from what it knows.
+            self._epoch = welcome.epoch
+            self._delivered = welcome.acked
+        done = self._dispatcher.done_seq
+        if welcome.acked < done <= self._delivered:
+            link.write(link.connection.ack_frame(done))  # acks the old connection lost
+
+    def _send_held(self, link: Link) -> None:
+        """After a reconnect: unacknowledged sends again, then the outbox, in order."""
+        connection = link.connection
+        for header, payload in list(self._unacked.values()):
+            resent = msgspec.structs.replace(header, flags=header.flags | _RESENT)
+            link.write(connection.send_packet(resent, payload))
+        outbox = self._outbox
+        while outbox:
+            header, payload = outbox.popleft()
+            link.write(connection.send_packet(header, payload))
 
     async def close(self) -> None:
         """Say goodbye and close; pending requests fail with ConnectionClosed."""
@@ -220,18 +268,58 @@ class Client(Peer):
     ) -> Awaitable[None] | None:
         link = self._link
         if link is None or link.closed:
-            link = self._require_link()
+            if self._reconnector is None:
+                self._require_link()  # raises: not connected and not reconnecting
+            return self._queue(header, body, ack)
         if ack:
-            future = self._pending.expect(header.id, self.request_timeout, "acknowledgement")
+            payload = encode(body)
+            future = self._expect_ack(header, payload)
             try:
-                link.write_packet(header, body)
+                link.write(link.connection.send_packet(header, payload))
             except BaseException:
                 self._pending.forget(header.id)
+                self._unacked.pop(header.id, None)
                 raise
             return future
         if link.write_packet(header, body):
             return None
         return link.drain()
+
+    def _expect_ack(self, header: PacketHeader, payload: bytes) -> asyncio.Future[None]:
+        """Keep an ack=True packet until the service acknowledges it (or its wait ends)."""
+        packet_id = header.id
+        future: asyncio.Future[None] = self._pending.expect(
+            packet_id, self.request_timeout, "acknowledgement"
+        )
+        self._unacked[packet_id] = (header, payload)
+        future.add_done_callback(lambda _: self._unacked.pop(packet_id, None))
+        return future
+
+    def _queue(
+        self, header: PacketHeader, body: Packet | ErrorBody, ack: bool
+    ) -> Awaitable[None] | None:
+        """Disconnected, reconnecting: keep the packet for the next connection."""
+        if len(self._outbox) >= self.outbox_limit:
+            raise OutboxFull(
+                f"{self.name} is reconnecting to {self.endpoint} and its outbox already "
+                f"holds {self.outbox_limit} packets; wait_connected() or raise outbox_limit"
+            )
+        payload = encode(body)
+        if len(payload) > self.max_payload:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes is over the maximum of {self.max_payload}"
+            )
+        self._outbox.append((header, payload))
+        return self._expect_ack(header, payload) if ack else None
+
+    @property
+    def max_payload(self) -> int:
+        return self.welcome.max_payload if self.welcome is not None else DEFAULT_MAX_PAYLOAD
+
+    @property
+    def outbox_size(self) -> int:
+        """Packets waiting for the connection to come back."""
+        return len(self._outbox)
 
     def _send_reply(
         self, request: PacketHeader, packet: Packet | None, error: ErrorBody | None
@@ -242,6 +330,12 @@ class Client(Peer):
         link.write_packet(*self._reply(request, packet, error))
 
     # ------------------------------------------------------- link callbacks
+
+    def _acknowledge(self, seq: int) -> None:
+        """Handlers are done with every delivery up to ``seq``: tell the service."""
+        link = self._link
+        if link is not None and not link.closed and seq <= self._delivered:
+            link.write(link.connection.ack_frame(seq))
 
     def _hold_reading(self, hold: bool) -> None:
         # The dispatcher outlives links (reconnects): hold whichever link is current.
@@ -262,8 +356,14 @@ class Client(Peer):
                 if header.flags & _REPLY:
                     if not pending.resolve_reply(event):
                         log.debug("late reply to %d from %s", header.corr, header.src)
-                else:
-                    enqueue(event)
+                    continue
+                seq = event.seq
+                if seq:
+                    if seq <= self._delivered:
+                        self._repeated(link)
+                        continue
+                    self._delivered = seq
+                enqueue(event)
             elif type(event) is AckReceived:
                 pending.resolve(event.id, None)
             elif type(event) is ErrorReceived:
@@ -278,6 +378,14 @@ class Client(Peer):
                 self._refuse_handshake(event.code, event.reason)
         if len(dispatcher.queue) > queued:
             dispatcher.wake()  # once per read, not once per packet
+
+    def _repeated(self, link: Link) -> None:
+        """A delivery we took already (its ack was lost with a connection): drop it, and
+        tell the service again how far handling got."""
+        self.repeats_dropped += 1
+        done = self._dispatcher.done_seq
+        if done and done <= self._delivered:
+            link.write(link.connection.ack_frame(done))
 
     def _refuse_handshake(self, code: int, reason: str) -> None:
         handshake = self._handshake
@@ -305,8 +413,9 @@ class Client(Peer):
             code,
             link.close_reason,
         )
-        # Acks can no longer arrive; replies still can, after a reconnect under our name.
-        self._pending.fail_all(lost, acks_only=True)
+        # Group changes are redone on reconnect and sends kept for it; replies can still
+        # arrive after a reconnect under our name.
+        self._pending.fail_all(lost, acks_only=True, keep=self._unacked)
         if self._closing:
             return
         if not self.reconnect or code in _FINAL:

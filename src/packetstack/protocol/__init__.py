@@ -1,6 +1,6 @@
 """Sans-I/O wire protocol: frames, handshake, envelopes, chunking. No asyncio, no sockets."""
 
-from .connection import BodyEncoder, Connection, Role, State
+from .connection import BodyEncoder, Connection, Role, State, packet_frame
 from .events import (
     AckReceived,
     CloseReceived,
@@ -52,5 +52,6 @@ __all__ = [
     "Welcome",
     "WelcomeReceived",
     "check_name",
+    "packet_frame",
     "validate_name",
 ]

@@ -30,12 +30,15 @@ from .frames import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_PAYLOAD,
+    DELIVER_PREFIX,
+    DELIVER_PREFIX_SIZE,
     EMPTY_HEADER,
     KIND_AND_HLEN,
     LENGTH,
     MAX_HEADER,
     PREFIX,
     PREFIX_SIZE,
+    SEQ,
     AckHeader,
     ChunkHeader,
     CloseHeader,
@@ -65,6 +68,8 @@ _FOREVER = 365 * 24 * 3600.0  # longer heartbeats are nonsense (and NaN fails ev
 # encode_into(obj, buffer, offset): msgspec's Encoder.encode_into shape.
 BodyEncoder = Callable[[Any, bytearray, int], None]
 _PACKET = int(FrameKind.PACKET)
+_DELIVER = int(FrameKind.DELIVER)
+_SEQ_SIZE = SEQ.size
 
 # Incoming chunked packets one connection may have in flight at once.
 MAX_OPEN_STREAMS = 64
@@ -85,16 +90,18 @@ class State(enum.Enum):
 # for every read, compares against these instead.
 _OPEN = State.OPEN
 _CLOSED = State.CLOSED
+_CLIENT = Role.CLIENT
 
 
 class _InStream:
-    __slots__ = ("buffer", "discard", "header", "remaining")
+    __slots__ = ("buffer", "discard", "header", "remaining", "seq")
 
-    def __init__(self, header: PacketHeader, discard: bool) -> None:
+    def __init__(self, header: PacketHeader, discard: bool, seq: int) -> None:
         self.header = header
         self.buffer = bytearray()
         self.remaining = header.size
         self.discard = discard  # over max_payload: count the bytes, keep none
+        self.seq = seq
 
 
 class _OutStream:
@@ -104,6 +111,10 @@ class _OutStream:
         self.id = stream_id
         self.payload = memoryview(payload)
         self.offset = 0
+
+
+# A large packet waiting for a free stream: (header, payload, seq).
+_Queued = tuple[PacketHeader, bytes | memoryview, int]
 
 
 def _kind_name(kind: int) -> str:
@@ -117,13 +128,24 @@ def _frame_too_large(length: int, max_frame: int) -> FrameTooLarge:
     return FrameTooLarge(f"frame of {length} bytes is over the maximum of {max_frame}")
 
 
-def frame(kind: int, header: bytes, payload: bytes | memoryview = b"") -> bytes:
-    """Assemble one frame."""
+def frame(kind: int, header: bytes, payload: bytes | memoryview = b"", seq: int = 0) -> bytes:
+    """Assemble one frame (a DELIVER frame carries ``seq``)."""
     hlen = len(header)
     if hlen > MAX_HEADER:
         raise ProtocolError(f"frame header of {hlen} bytes is over {MAX_HEADER}")
-    prefix = PREFIX.pack(hlen + len(payload) + 3, kind, hlen)
+    if kind == _DELIVER:
+        prefix = DELIVER_PREFIX.pack(hlen + len(payload) + 3 + _SEQ_SIZE, kind, hlen, seq)
+    else:
+        prefix = PREFIX.pack(hlen + len(payload) + 3, kind, hlen)
     return b"".join((prefix, header, payload))
+
+
+def packet_frame(header: PacketHeader, payload: bytes | memoryview) -> bytes:
+    """A whole PACKET frame, whatever the payload's size: the form a packet is stored in
+    (sending it may still chunk it). Chunking fields of a reassembled header are cleared."""
+    if header.flags & _CHUNKED:
+        header = msgspec.structs.replace(header, flags=header.flags & ~_CHUNKED, size=0, stream=0)
+    return frame(_PACKET, _encoder.encode(header), payload)
 
 
 class Connection:
@@ -153,8 +175,12 @@ class Connection:
         self._in_streams: dict[int, _InStream] = {}
         self._out_streams: deque[_OutStream] = deque()
         # Large packets waiting for a free stream (the peer accepts MAX_OPEN_STREAMS).
-        self._queued_streams: deque[tuple[PacketHeader, bytes | memoryview]] = deque()
+        self._queued_streams: deque[_Queued] = deque()
         self._next_stream = 1
+        # Deliveries are handed up in sequence order: while a chunked one is arriving,
+        # later whole ones wait here (sequence numbers of the open chunked ones).
+        self._open_seqs: list[int] = []
+        self._held: deque[PacketReceived] = deque()
 
     # ----------------------------------------------------------------- limits
 
@@ -191,6 +217,7 @@ class Connection:
         is_open = self.state is _OPEN
         decode_header = _packet_header.decode
         unpack_prefix = PREFIX.unpack_from
+        unpack_seq = SEQ.unpack_from
         append = events.append
         try:
             while total - pos >= PREFIX_SIZE:
@@ -213,7 +240,20 @@ class Connection:
                     if not header.flags & _CHUNKED:
                         append(PacketReceived(header, raw, header_end))
                         continue
-                    self._open_stream(header, memoryview(raw)[header_end:], events)
+                    self._open_stream(header, memoryview(raw)[header_end:], events, 0)
+                    continue
+                if kind == _DELIVER and is_open and self.role is _CLIENT:
+                    header_end += _SEQ_SIZE
+                    if hlen > length - KIND_AND_HLEN - _SEQ_SIZE:
+                        raise ProtocolError(f"header length {hlen} runs past the end of its frame")
+                    header = decode_header(raw[DELIVER_PREFIX_SIZE:header_end])
+                    seq = unpack_seq(raw, PREFIX_SIZE)[0]
+                    if header.flags & _CHUNKED:
+                        self._open_stream(header, memoryview(raw)[header_end:], events, seq)
+                    elif self._open_seqs:
+                        self._held.append(PacketReceived(header, raw, header_end, seq))
+                    else:
+                        append(PacketReceived(header, raw, header_end, seq))
                     continue
                 self._parse_frame(raw, kind, header_end, events)
                 if self.closed:
@@ -257,8 +297,10 @@ class Connection:
         view = memoryview(raw)
         header = view[PREFIX_SIZE:header_end]
         payload = view[header_end:]
-        if kind == _PACKET:
+        if kind in (_PACKET, _DELIVER):
             self._require_open(kind)
+            if kind == _DELIVER:
+                raise ProtocolError("only the service sends DELIVER frames")
         elif kind == FrameKind.CHUNK:
             self._require_open(kind)
             self._receive_chunk(_chunk_header.decode(header).stream, payload, events)
@@ -318,7 +360,9 @@ class Connection:
         if self.state is not State.OPEN:
             raise ProtocolError(f"{FrameKind(kind).name} frame before the handshake completed")
 
-    def _open_stream(self, header: PacketHeader, payload: memoryview, events: list[Event]) -> None:
+    def _open_stream(
+        self, header: PacketHeader, payload: memoryview, events: list[Event], seq: int
+    ) -> None:
         if payload:
             raise ProtocolError("a CHUNKED PACKET frame must carry no payload")
         if header.stream in self._in_streams:
@@ -329,9 +373,11 @@ class Connection:
         if too_large:
             events.append(OversizedPacket(header))
         if header.size == 0:
-            events.append(PacketReceived(header, bytearray(), 0))
+            self._complete(PacketReceived(header, bytearray(), 0, seq), events)
             return
-        self._in_streams[header.stream] = _InStream(header, discard=too_large)
+        self._in_streams[header.stream] = _InStream(header, too_large, seq)
+        if seq:
+            self._open_seqs.append(seq)
 
     def _receive_chunk(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         stream = self._in_streams.get(stream_id)
@@ -344,8 +390,31 @@ class Connection:
             stream.buffer += payload
         if stream.remaining == 0:
             del self._in_streams[stream_id]
-            if not stream.discard:
-                events.append(PacketReceived(stream.header, stream.buffer, 0))
+            if stream.seq:
+                self._open_seqs.remove(stream.seq)
+            if stream.discard:
+                self._release_held(events)
+            else:
+                self._complete(PacketReceived(stream.header, stream.buffer, 0, stream.seq), events)
+
+    def _complete(self, event: PacketReceived, events: list[Event]) -> None:
+        """Hand up a packet reassembled from chunks, keeping deliveries in sequence order."""
+        seq = event.seq
+        if seq and self._open_seqs and min(self._open_seqs) < seq:
+            self._held.append(event)
+            self._sort_held()
+            return
+        events.append(event)
+        self._release_held(events)
+
+    def _sort_held(self) -> None:
+        self._held = deque(sorted(self._held, key=lambda held: held.seq))
+
+    def _release_held(self, events: list[Event]) -> None:
+        held = self._held
+        first_open = min(self._open_seqs) if self._open_seqs else None
+        while held and (first_open is None or held[0].seq < first_open):
+            events.append(held.popleft())
 
     # ------------------------------------------------------------------- send
 
@@ -390,10 +459,25 @@ class Connection:
                     header, flags=header.flags & ~_CHUNKED, size=0, stream=0
                 )
             return frame(_PACKET, _encoder.encode(header), payload)
+        return self._stream(header, payload, 0)
+
+    def _stream(self, header: PacketHeader, payload: bytes | memoryview, seq: int) -> bytes:
         if len(self._out_streams) >= MAX_OPEN_STREAMS:
-            self._queued_streams.append((header, payload))
+            self._queued_streams.append((header, payload, seq))
             return b""
-        return self._announce(header, payload)
+        return self._announce(header, payload, seq)
+
+    def append_delivery(self, out: bytearray, seq: int, packet: bytes) -> None:
+        """Append the DELIVER frame(s) carrying ``seq`` for ``packet``, a whole PACKET frame
+        (as received, or from ``packet_frame``). A small one is re-prefixed, not re-encoded:
+        the header and payload bytes are the sender's."""
+        length, _, hlen = PREFIX.unpack_from(packet)
+        if length - KIND_AND_HLEN - hlen <= self.chunk_size:
+            out += DELIVER_PREFIX.pack(length + _SEQ_SIZE, _DELIVER, hlen, seq)
+            out += memoryview(packet)[PREFIX_SIZE:]
+            return
+        header = _packet_header.decode(memoryview(packet)[PREFIX_SIZE : PREFIX_SIZE + hlen])
+        out += self._stream(header, memoryview(packet)[PREFIX_SIZE + hlen :], seq)
 
     def append_packet(
         self, out: bytearray, header: PacketHeader, body: Any, encode_into: BodyEncoder
@@ -422,13 +506,14 @@ class Connection:
             del out[start:]
             raise
 
-    def _announce(self, header: PacketHeader, payload: bytes | memoryview) -> bytes:
+    def _announce(self, header: PacketHeader, payload: bytes | memoryview, seq: int) -> bytes:
         stream_id = self._next_stream
         self._next_stream += 1
         announce = msgspec.structs.replace(
             header, flags=header.flags | _CHUNKED, size=len(payload), stream=stream_id
         )
-        announcing = frame(_PACKET, _encoder.encode(announce))  # raises before anything is queued
+        # Raises before anything is queued.
+        announcing = frame(_DELIVER if seq else _PACKET, _encoder.encode(announce), b"", seq)
         self._out_streams.append(_OutStream(stream_id, payload))
         return announcing
 

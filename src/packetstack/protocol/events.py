@@ -24,6 +24,7 @@ class PacketReceived(msgspec.Struct, gc=False):
     header: PacketHeader
     data: bytes | bytearray
     offset: int
+    seq: int = 0  # the service's sequence number for this ending (DELIVER); 0 for others
 
     @property
     def payload(self) -> memoryview:

@@ -18,6 +18,10 @@ PROTOCOL_VERSION = 1
 
 PREFIX = struct.Struct(">IBH")
 PREFIX_SIZE = PREFIX.size  # 7
+# A DELIVER frame carries the delivery's sequence number between its prefix and header.
+DELIVER_PREFIX = struct.Struct(">IBHQ")
+DELIVER_PREFIX_SIZE = DELIVER_PREFIX.size  # 15
+SEQ = struct.Struct(">Q")
 LENGTH = struct.Struct(">I")
 # Bytes counted by `length` that are not header or payload: kind + header_length.
 KIND_AND_HLEN = PREFIX_SIZE - LENGTH.size
@@ -42,6 +46,7 @@ class FrameKind(enum.IntEnum):
     CLOSE = 8
     JOIN = 9
     LEAVE = 10
+    DELIVER = 11  # service -> client: a PACKET with its per-ending sequence number
 
 
 class Target(enum.IntEnum):
@@ -60,6 +65,8 @@ class Flag(enum.IntFlag):
     ERROR = 4  # a reply that carries an ErrorBody instead of a packet
     ACK = 8  # the sender wants an ACK frame once the service has routed it
     CHUNKED = 16  # the payload follows in CHUNK frames; `size` is its total length
+    NOTIFY = 32  # tell the sender if the packet expires or is dropped undelivered
+    RESENT = 64  # sent again after a reconnect: the service drops it if it has it already
 
 
 class Hello(msgspec.Struct, omit_defaults=True):
@@ -82,6 +89,10 @@ class Welcome(msgspec.Struct, omit_defaults=True):
     max_payload: int
     chunk_size: int
     caps: list[str] = []
+    # Identifies the service's store: sequence numbers only compare within one epoch.
+    epoch: str = ""
+    # The highest sequence number this ending has acknowledged (handled) so far.
+    acked: int = 0
 
 
 class PacketHeader(msgspec.Struct, array_like=True, gc=False):
@@ -96,6 +107,7 @@ class PacketHeader(msgspec.Struct, array_like=True, gc=False):
     corr: int = 0
     size: int = 0
     stream: int = 0
+    ttl: int = 0  # milliseconds a mailbox keeps it; 0: the service's default
 
 
 class ChunkHeader(msgspec.Struct, array_like=True, gc=False):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -35,9 +35,20 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     high_water: int = 1024 * 1024
     low_water: int = 256 * 1024
     request_timeout: float = 30.0
+    # Mailboxes: how long a packet waits for an offline or slow ending, and how much.
+    mailbox_ttl: float = 3 * 3600.0
+    mailbox_max_packets: int = 1_000_000
+    mailbox_max_bytes: int = 1024 * 1024 * 1024
+    mailbox_overflow: Literal["reject", "drop-oldest"] = "reject"
+    # The embedded store: NORMAL survives a process crash, FULL also a power loss.
+    store_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.mailbox_ttl <= 0:
+            problems.append("mailbox_ttl must be > 0 seconds")
+        if self.mailbox_max_packets < 1 or self.mailbox_max_bytes < 1:
+            problems.append("mailbox_max_packets and mailbox_max_bytes must be at least 1")
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not between 0 and 65535")
         if self.heartbeat <= 0 or self.heartbeat_timeout < 2 * self.heartbeat:

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Awaitable
 from functools import partial
@@ -16,7 +17,8 @@ import msgspec
 
 from ..codec import Packet, encode
 from ..dispatch import HANDLERS, Dispatcher, ReplySender
-from ..errors import CloseCode, ConnectionClosed, ErrorCode, UnknownDestination
+from ..errors import CloseCode, ConnectionClosed, ErrorCode, MailboxFull, PayloadTooLarge
+from ..notices import Expired
 from ..peer import Peer
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -36,16 +38,20 @@ from ..protocol import (
     Role,
     Target,
     Welcome,
+    packet_frame,
     validate_name,
 )
+from ..storage import EmbeddedStore
 from ..transport import Link, server_ssl_context
 from .config import ServiceConfig, load
+from .mailboxes import Ending, Mailboxes
 from .session import Session
 
 log = logging.getLogger("packetstack.service")
 
 _REPLY = int(Flag.REPLY)
 _ACK = int(Flag.ACK)
+_RESENT = int(Flag.RESENT)
 _ENDING = int(Target.ENDING)
 _GROUP = int(Target.GROUP)
 _ALL = int(Target.ALL)
@@ -58,7 +64,8 @@ class Service(Peer):
     ``async with Service(port=0) as service: print(service.port)``. A second connection
     under a name that is already connected *replaces* the first: the old session is closed
     with CloseCode.REPLACED (a restarted process takes over at once, without waiting for the
-    old connection's heartbeat timeout).
+    old connection's heartbeat timeout). Packets for endings that are not connected wait in
+    their mailboxes in the embedded store under ``data_dir`` (see service/mailboxes.py).
     """
 
     def __init__(
@@ -88,9 +95,11 @@ class Service(Peer):
         self._ssl = ssl_context
         self._tokens = [t.encode() for t in cfg.tokens]
         self.endings: dict[str, Session] = {}
-        self.groups: dict[str, set[Session]] = {}
         # Rare events by name (auth_failures, replaced, ...); hot counters are plain ints.
         self.stats: Counter[str] = Counter()
+        store = EmbeddedStore(Path(cfg.data_dir) / "packetstack.db", cfg.store_synchronous)
+        self.mailboxes = Mailboxes(store, cfg, self.stats, self._safe, self._lost)
+        self._now = time.time()  # wall clock of the read being routed (expiry times)
         self.packets_in = 0
         self.packets_out = 0
         self._links: set[Link] = set()
@@ -107,6 +116,7 @@ class Service(Peer):
     async def start(self) -> None:
         cfg = self.config
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        await self.mailboxes.open()
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             self._new_link,
@@ -153,6 +163,7 @@ class Service(Peer):
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        await self.mailboxes.close()  # every in-flight packet is in a mailbox before this ends
         if self.config.unix_path is not None:
             # Python 3.11's loop leaves the socket file behind; the next start would reuse it
             # anyway, but a stale file misleads anyone looking.
@@ -196,9 +207,12 @@ class Service(Peer):
             return
         dispatcher = session.dispatcher
         queued = len(dispatcher.queue)
+        self._now = time.time()
         for event in events:
             if type(event) is PacketReceived:
                 self._route(session, event)
+            elif type(event) is AckReceived:
+                self.mailboxes.acked(session.ending, event.id)
             elif type(event) is GroupChange:
                 self._group_change(session, event)
             elif type(event) is OversizedPacket:
@@ -213,8 +227,8 @@ class Service(Peer):
                 )
             elif type(event) is CloseReceived:
                 link.close_code = CloseCode.NORMAL
-            elif type(event) in (AckReceived, ErrorReceived):
-                pass  # endings do not acknowledge the service's packets in protocol v1
+            elif type(event) is ErrorReceived:
+                log.warning("%r reported an error: %s", session.name, event.message)
         if len(dispatcher.queue) > queued:
             dispatcher.wake()  # once per read, not once per packet
 
@@ -223,12 +237,9 @@ class Service(Peer):
         session = self._sessions_by_link.pop(link, None)
         if session is None:
             return
-        for source in session.held_sources:
-            source.resume_reading(session)
-        session.held_sources.clear()
         if self.endings.get(session.name) is session:
             del self.endings[session.name]
-            self._leave_groups(session)
+            self.mailboxes.detach(session.ending)
         self._stop_dispatcher(session)
         log.info("ending %r left (%s)", session.name, link.close_reason or error or "closed")
 
@@ -266,11 +277,11 @@ class Service(Peer):
             self._sessions_by_link.pop(previous.link, None)
             previous.link.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._stop_dispatcher(previous)
-            self._leave_groups(previous)
         dispatcher = Dispatcher(
             self._handlers, self._reply_sender(link), partial(link.hold_reading, reason=HANDLERS)
         )
-        session = Session(hello.name, link, dispatcher)
+        ending = self.mailboxes.ending(hello.name)
+        session = Session(hello.name, link, dispatcher, ending)
         self.endings[hello.name] = session
         self._sessions_by_link[link] = session
         link.write(
@@ -283,10 +294,13 @@ class Service(Peer):
                     max_frame=cfg.max_frame,
                     max_payload=cfg.max_payload,
                     chunk_size=cfg.chunk_size,
-                    caps=["chunks"],
+                    caps=["chunks", "mailboxes"],
+                    epoch=self.mailboxes.epoch,
+                    acked=ending.acked,
                 )
             )
         )
+        self.mailboxes.attach(ending, link)  # replays its mailbox first
         link.start_heartbeat(cfg.heartbeat, cfg.heartbeat_timeout)
         self.stats["connections"] += 1
         log.info("ending %r joined from %s", hello.name, link.peer)
@@ -310,28 +324,41 @@ class Service(Peer):
                 f"packet src {header.src!r} is not this session's name {session.name!r}",
             )
             return
-        target = header.target
         self.packets_in += 1
+        source = session.ending
+        flags = header.flags
+        if flags & _RESENT and header.id <= source.last_id:
+            self._duplicate(session, header)
+            return
+        source.last_id = header.id
+        target = header.target
         if target == _ENDING and header.dst != SERVICE_NAME:
-            destination = self.endings.get(header.dst)
-            if destination is None:
-                self._unknown(session, header)
+            if flags & _REPLY:
+                self._forward_reply(event)
                 return
-            self._forward(session, destination, event)
+            data = event.data
+            frame = data if type(data) is bytes else packet_frame(header, event.payload)
+            self._deliver(session, self.mailboxes.ending(header.dst), frame, header)
         elif target == _GROUP:
-            for member in self.groups.get(header.dst, ()):
-                if member is not session:
-                    self._forward(session, member, event)
+            frame = self._frame_of(event)
+            mailboxes = self.mailboxes
+            for name in mailboxes.groups.get(header.dst, ()):
+                if name != session.name:
+                    self._deliver(session, mailboxes.ending(name), frame, header)
         elif target == _ALL:
+            frame = self._frame_of(event)
             for member in list(self.endings.values()):
                 if member is not session:
-                    self._forward(session, member, event)
+                    self._deliver(session, member.ending, frame, header)
         elif target in (_SERVICE, _ENDING):
-            if header.flags & _REPLY:
+            if flags & _REPLY:
                 if not self._pending.resolve_reply(event):
                     log.debug("late reply to %d from %s", header.corr, header.src)
             else:
                 session.dispatcher.queue.append(event)  # woken at the end of the read
+            if flags & _ACK:
+                session.link.write(session.link.connection.ack_frame(header.id))
+            return
         else:
             session.link.write(
                 session.link.connection.error_frame(
@@ -339,47 +366,44 @@ class Service(Peer):
                 )
             )
             return
-        if header.flags & _ACK:
+        if flags & _ACK and not self.mailboxes.is_outstanding(header.src, header.id):
+            # Nobody to deliver to (an empty group) or refused: answered already or now.
             session.link.write(session.link.connection.ack_frame(header.id))
 
-    def _unknown(self, session: Session, header: PacketHeader) -> None:
-        self.stats["unknown_destination"] += 1
-        if header.flags & _REPLY:
-            return  # the requester left; nobody is waiting for this reply any more
-        session.link.write(
-            session.link.connection.error_frame(
-                header.id,
-                ErrorCode.UNKNOWN_DESTINATION,
-                f"no ending named {header.dst!r} is connected",
-            )
-        )
-
-    def _forward(self, source: Session, destination: Session, event: PacketReceived) -> None:
-        link = destination.link
+    @staticmethod
+    def _frame_of(event: PacketReceived) -> bytes:
         data = event.data
-        if type(data) is bytes:  # the exact frame: forward it untouched
-            writable = link.write(data)
-        else:
-            writable = link.write(link.connection.send_packet(event.header, event.payload))
-        self.packets_out += 1
-        if not writable:
-            self._hold(source.link, destination)
+        return data if type(data) is bytes else packet_frame(event.header, event.payload)
 
-    def _hold(self, source: Link, destination: Session) -> None:
-        """Stop reading from ``source`` until ``destination`` drains: TCP backpressure
-        reaches the fast sender instead of the service buffering without bound."""
-        if source in destination.held_sources:
+    def _deliver(
+        self, session: Session, ending: Ending, frame: bytes, header: PacketHeader
+    ) -> None:
+        ttl = header.ttl
+        expires = self._now + (ttl / 1000.0 if ttl else self.config.mailbox_ttl)
+        refusal = self.mailboxes.deliver(ending, frame, header, expires)
+        if refusal:
+            link = session.link
+            link.write(link.connection.error_frame(header.id, ErrorCode.MAILBOX_FULL, refusal))
+
+    def _duplicate(self, session: Session, header: PacketHeader) -> None:
+        """A packet the sender resent after a reconnect, which this service took already."""
+        self.stats["duplicates_dropped"] += 1
+        if header.flags & _ACK and not self.mailboxes.is_outstanding(header.src, header.id):
+            session.link.write(session.link.connection.ack_frame(header.id))
+
+    def _forward_reply(self, event: PacketReceived) -> None:
+        """Replies go to the requester directly: it is waiting now or never."""
+        requester = self.endings.get(event.header.dst)
+        if requester is None:
+            self.stats["replies_dropped"] += 1
             return
-        destination.held_sources.add(source)
-        source.pause_reading(destination)
-        self.stats["backpressure_pauses"] += 1
-
-        def release() -> None:
-            for held in destination.held_sources:
-                held.resume_reading(destination)
-            destination.held_sources.clear()
-
-        destination.link.on_writable(release)
+        link = requester.link
+        data = event.data
+        if type(data) is bytes:
+            link.write(data)
+        else:
+            link.write(link.connection.send_packet(event.header, event.payload))
+        self.packets_out += 1
 
     def _group_change(self, session: Session, event: GroupChange) -> None:
         problem = validate_name(event.group, "group name")
@@ -388,23 +412,38 @@ class Service(Peer):
             link.write(link.connection.error_frame(event.id, ErrorCode.PROTOCOL, problem))
             return
         if event.join:
-            session.groups.add(event.group)
-            self.groups.setdefault(event.group, set()).add(session)
+            self.mailboxes.join(session.ending, event.group)
         else:
-            session.groups.discard(event.group)
-            self._remove_member(event.group, session)
+            self.mailboxes.leave(session.ending, event.group)
         link.write(link.connection.ack_frame(event.id))
 
-    def _leave_groups(self, session: Session) -> None:
-        for group in session.groups:
-            self._remove_member(group, session)
+    @property
+    def groups(self) -> dict[str, set[str]]:
+        """Group name -> names of its members, connected or not (membership persists)."""
+        return self.mailboxes.groups
 
-    def _remove_member(self, group: str, session: Session) -> None:
-        members = self.groups.get(group)
-        if members is not None:
-            members.discard(session)
-            if not members:
-                del self.groups[group]
+    # ------------------------------------------------ answers to senders
+
+    def _safe(self, src: str, packet_id: int) -> None:
+        """``src``'s packet ``packet_id`` is stored or handled everywhere it was going."""
+        if src == SERVICE_NAME:
+            self._pending.resolve(packet_id, None)
+            return
+        session = self.endings.get(src)
+        if session is not None:
+            session.link.write(session.link.connection.ack_frame(packet_id))
+
+    def _lost(self, src: str, packet_id: int, destination: str, tag: str, reason: str) -> None:
+        """Tell ``src`` its packet will never be delivered (it asked to know)."""
+        if src == SERVICE_NAME:
+            log.warning("the service's packet %d to %r was %s", packet_id, destination, reason)
+            return
+        notice = Expired(packet_id, destination, tag, reason)  # type: ignore[arg-type]
+        header = PacketHeader(next(self._ids), _ENDING, src, SERVICE_NAME, Expired.packet_tag)
+        frame = packet_frame(header, encode(notice))
+        self.mailboxes.deliver(
+            self.mailboxes.ending(src), frame, header, time.time() + self.config.mailbox_ttl
+        )
 
     # ------------------------------------------------- the service's own sends
 
@@ -421,32 +460,48 @@ class Service(Peer):
         self, header: PacketHeader, body: Packet | ErrorBody, ack: bool
     ) -> Awaitable[None] | None:
         target = header.target
+        mailboxes = self.mailboxes
         if target == _ENDING:
-            session = self.endings.get(header.dst)
-            if session is None:
-                raise UnknownDestination(f"no ending named {header.dst!r} is connected")
-            members: list[Session] = [session]
+            endings = [mailboxes.ending(header.dst)]
         elif target == _GROUP:
-            members = list(self.groups.get(header.dst, ()))
+            endings = [mailboxes.ending(name) for name in mailboxes.groups.get(header.dst, ())]
         elif target == _ALL:
-            members = list(self.endings.values())
+            endings = [session.ending for session in self.endings.values()]
         else:
             raise ValueError("the service cannot send packets to itself")
         payload = encode(body)  # once, however many members
-        slow = []
-        for member in members:
-            link = member.link
-            if not link.write(link.connection.send_packet(header, payload)):
-                slow.append(link)
-        return _drain_all(slow) if slow else None
+        if len(payload) > self.config.max_payload:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes is over the maximum of {self.config.max_payload}"
+            )
+        frame = packet_frame(header, payload)
+        ttl = header.ttl / 1000.0 if header.ttl else self.config.mailbox_ttl
+        expires = time.time() + ttl
+        waiter = (
+            self._pending.expect(header.id, self.request_timeout, "acknowledgement")
+            if ack
+            else None
+        )
+        refusals = []
+        for ending in endings:
+            refusal = mailboxes.deliver(ending, frame, header, expires)
+            if refusal:
+                refusals.append(refusal)
+        if refusals and target == _ENDING:
+            self._pending.forget(header.id)
+            raise MailboxFull(refusals[0])
+        for refusal in refusals:
+            log.warning("the service's packet to group %r: %s", header.dst, refusal)
+        if waiter is not None and not mailboxes.is_outstanding(SERVICE_NAME, header.id):
+            self._pending.resolve(header.id, None)
+        return waiter
+
+    def mailbox_depth(self, name: str) -> int:
+        """Packets waiting for the ending ``name``, stored or sent and not yet handled."""
+        return self.mailboxes.depth(name)
 
     def group_members(self, group: str) -> list[str]:
-        return sorted(session.name for session in self.groups.get(group, ()))
-
-
-async def _drain_all(links: list[Link]) -> None:
-    for link in links:
-        await link.drain()
+        return sorted(self.mailboxes.groups.get(group, ()))
 
 
 def _service_closed() -> ConnectionClosed:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from ..dispatch import Dispatcher
 from ..transport import Link
+from .mailboxes import Ending
 
 
 class Session:
-    __slots__ = ("dispatcher", "groups", "held_sources", "link", "name")
+    __slots__ = ("dispatcher", "ending", "link", "name")
 
-    def __init__(self, name: str, link: Link, dispatcher: Dispatcher) -> None:
+    def __init__(self, name: str, link: Link, dispatcher: Dispatcher, ending: Ending) -> None:
         self.name = name
         self.link = link
-        self.groups: set[str] = set()
         self.dispatcher = dispatcher
-        # Sources whose reading is paused until this session's link drains.
-        self.held_sources: set[Link] = set()
+        self.ending = ending  # its delivery state, which outlives this connection
 
     def __repr__(self) -> str:
-        return f"Session({self.name!r}, groups={sorted(self.groups)})"
+        return f"Session({self.name!r}, groups={sorted(self.ending.groups)})"

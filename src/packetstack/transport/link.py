@@ -166,6 +166,16 @@ class Link(asyncio.Protocol):
             self._write_through()
         return not self._paused and len(out) < self.high_water
 
+    def write_delivery(self, seq: int, packet: bytes) -> bool:
+        """Queue a DELIVER frame carrying ``seq`` for ``packet`` (a whole PACKET frame).
+        Return whether the link is still writable, as ``write`` does."""
+        if not self.closed:
+            self._sent = True
+            self.connection.append_delivery(self._out, seq, packet)
+            if not self._flush_scheduled:
+                self._write_through()
+        return not self._paused and len(self._out) < self.high_water
+
     def _write_through(self) -> None:
         """Nothing is waiting for a flush. A write that comes BURST_GAP after the last
         direct one is alone: send it now, costing no loop iteration (a request, its reply,
