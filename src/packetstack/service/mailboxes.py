@@ -497,7 +497,9 @@ class Mailboxes:
             delay = min(max(self._next_expiry - time.time(), 0.0), SWEEP_MAX_WAIT)
             self._sweep_wakeup.clear()
             try:
-                await asyncio.wait_for(self._sweep_wakeup.wait(), delay)
+                # Not wait_for: on 3.11 it can swallow a cancel that races the wakeup.
+                async with asyncio.timeout(delay):
+                    await self._sweep_wakeup.wait()
                 continue  # an earlier expiry arrived: recompute the wait
             except TimeoutError:
                 pass

@@ -38,6 +38,7 @@ from ..protocol import (
     Role,
     Target,
     Welcome,
+    check_name,
     packet_frame,
     validate_name,
 )
@@ -336,9 +337,12 @@ class Service(Peer):
             if flags & _REPLY:
                 self._forward_reply(event)
                 return
+            ending = self.mailboxes.endings.get(header.dst) or self._new_ending(session, header)
+            if ending is None:
+                return
             data = event.data
             frame = data if type(data) is bytes else packet_frame(header, event.payload)
-            self._deliver(session, self.mailboxes.ending(header.dst), frame, header)
+            self._deliver(session, ending, frame, header)
         elif target == _GROUP:
             frame = self._frame_of(event)
             mailboxes = self.mailboxes
@@ -369,6 +373,16 @@ class Service(Peer):
         if flags & _ACK and not self.mailboxes.is_outstanding(header.src, header.id):
             # Nobody to deliver to (an empty group) or refused: answered already or now.
             session.link.write(session.link.connection.ack_frame(header.id))
+
+    def _new_ending(self, session: Session, header: PacketHeader) -> Ending | None:
+        """The first packet for a name: a mailbox for it, if an ending can have the name."""
+        problem = validate_name(header.dst)
+        if problem is None:
+            return self.mailboxes.ending(header.dst)
+        self.stats["unknown_destination"] += 1
+        link = session.link
+        link.write(link.connection.error_frame(header.id, ErrorCode.UNKNOWN_DESTINATION, problem))
+        return None
 
     @staticmethod
     def _frame_of(event: PacketReceived) -> bytes:
@@ -462,6 +476,8 @@ class Service(Peer):
         target = header.target
         mailboxes = self.mailboxes
         if target == _ENDING:
+            if header.dst not in mailboxes.endings:
+                check_name(header.dst)
             endings = [mailboxes.ending(header.dst)]
         elif target == _GROUP:
             endings = [mailboxes.ending(name) for name in mailboxes.groups.get(header.dst, ())]
