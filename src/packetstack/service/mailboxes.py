@@ -67,6 +67,12 @@ SEQ_BLOCK = 1_000_000
 REPLAY_PAGE = 2048
 # Expiry is checked at least this often while anything is stored (seconds).
 SWEEP_MAX_WAIT = 60.0
+# Rows handed to the store and not yet committed: past HIGH the service stops reading from
+# senders whose packets it must store, below LOW it reads again. Bounds memory when packets
+# arrive faster than the disk takes them.
+STORE_HIGH = 100_000
+STORE_LOW = 20_000
+STORE_BEHIND = "store"  # the reason reading is held
 
 _ACK = int(Flag.ACK)
 _NOTIFY = int(Flag.NOTIFY)
@@ -143,6 +149,8 @@ class Mailboxes:
         self._writes: list[Statement] = []
         self._acked_rows: dict[str, int] = {}
         self._flush_scheduled = False
+        self.unsaved = 0  # rows handed to the store, not yet committed
+        self._held_links: set[Link] = set()
         # (src, pid) of ACK-flagged packets -> destinations still to deliver or store.
         self._outstanding: dict[tuple[str, int], int] = {}
         self._next_expiry = float("inf")
@@ -463,7 +471,15 @@ class Mailboxes:
         if self._rows:
             rows, self._rows = self._rows, []
             acks, self._row_acks = self._row_acks, []
-            self.store.write([(_INSERT, rows)], partial(self._stored, acks))
+            self.unsaved += len(rows)
+            self.store.write([(_INSERT, rows)], partial(self._stored, acks, len(rows)))
+
+    def hold_if_behind(self, link: Link) -> None:
+        """Stop reading ``link`` while the store is far behind (see STORE_HIGH)."""
+        if self.unsaved + len(self._rows) > STORE_HIGH and link not in self._held_links:
+            self._held_links.add(link)
+            link.pause_reading(STORE_BEHIND)
+            self.stats["store_backpressure"] += 1
 
     def _flush(self) -> None:
         """Hand this loop iteration's writes to the store: one group of statements."""
@@ -483,7 +499,12 @@ class Mailboxes:
                 ]
             )
 
-    def _stored(self, acks: list[tuple[str, int]], error: BaseException | None) -> None:
+    def _stored(self, acks: list[tuple[str, int]], count: int, error: BaseException | None) -> None:
+        self.unsaved -= count
+        if self._held_links and self.unsaved < STORE_LOW:
+            held, self._held_links = self._held_links, set()
+            for link in held:
+                link.resume_reading(STORE_BEHIND)
         if error is not None:
             log.error("mailbox rows were not stored: %s", error)
             return

@@ -232,6 +232,7 @@ class Service(Peer):
                 log.warning("%r reported an error: %s", session.name, event.message)
         if len(dispatcher.queue) > queued:
             dispatcher.wake()  # once per read, not once per packet
+        self.mailboxes.hold_if_behind(link)
 
     def link_lost(self, link: Link, error: BaseException | None) -> None:
         self._links.discard(link)
