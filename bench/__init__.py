@@ -1,4 +1,5 @@
-"""PacketStack's benchmark suite: PacketStack, a raw asyncio relay and nats-py, side by side.
+"""PacketStack's benchmark suite: PacketStack against a raw asyncio relay and nats-py
+(messaging), and against mosquitto and NATS JetStream (a durable backlog), side by side.
 
 Run ``python3 -m bench --help``; bench/RESULTS.md has the latest figures. ``main(argv)``
 runs it in-process like the command line; ``run(Options(...))`` returns the report.

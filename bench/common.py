@@ -15,6 +15,7 @@ import gc
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,18 @@ REQUEST_TIMEOUT = 10.0
 
 perf_counter = time.perf_counter
 
+MOSQUITTO_SBIN = "/usr/sbin/mosquitto"
+# The private broker's settings (besides its listener): bench/RESULTS.md explains each.
+MOSQUITTO_SETTINGS = (
+    "allow_anonymous true",
+    "persistence false",
+    "max_queued_messages 0",  # no limit: the packaged default (1000) drops the rest
+    "max_inflight_messages 0",  # no limit on outgoing QoS 1 in flight (default 20)
+    "log_dest stderr",
+    "log_type error",
+    "log_type warning",
+)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -48,7 +61,9 @@ class Plan:
     rr100: int = 100_000  # requests with 100 outstanding
     rr_warmup: int = 1_000
     outstanding: int = 100
+    backlog: int = 100_000  # packets stored for an offline consumer, then replayed
     timebox: float = 10.0  # seconds: a measured phase stops sending after this long
+    fill_timebox: float = 60.0  # the same for filling the backlog (slow publishers need ~12 s)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -58,6 +73,7 @@ class Plan:
             rr1=300,
             rr100=3_000,
             rr_warmup=100,
+            backlog=2_000,
             timebox=3.0,
         )
 
@@ -84,7 +100,7 @@ def process_cpu_seconds(pid: int) -> float | None:
 
 
 def find_pid(comm: str) -> int | None:
-    """The first process whose name is ``comm`` (for the NATS server), or None."""
+    """The first process whose name is ``comm`` (for a server not ours), or None."""
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -163,6 +179,18 @@ class Receipts:
             return False
         return True
 
+    async def settle(self, idle: float, timeout: float) -> bool:
+        """Like ``wait``, but give up as soon as nothing arrived for ``idle`` seconds: a
+        server that dropped packets never delivers the last one."""
+        deadline = perf_counter() + timeout
+        while perf_counter() < deadline:
+            seen = self.count
+            if await self.wait(min(idle, max(0.0, deadline - perf_counter()))):
+                return True
+            if self.count == seen:
+                return False
+        return self.done.done()
+
 
 def one_way_result(
     receipts: Receipts, sent: int, send_elapsed: float, meter: CpuMeter
@@ -182,6 +210,51 @@ def one_way_result(
         "p99_us": None,
         **meter.stop(count),
     }
+
+
+def backlog_result(
+    receipts: Receipts,
+    sent: int,
+    accept_elapsed: float,
+    replay_started: float,
+    meter: CpuMeter,
+) -> dict[str, Any]:
+    """The backlog scenario's figures. ``rate``: packets replayed per second, from the moment
+    the consumer started (re)connecting to the last packet received; ``accept_rate``: packets
+    per second the server acknowledged as stored, first send to the last acknowledgement.
+    A server that dropped some reports the rate over what arrived and ``lost`` > 0."""
+    count = receipts.count
+    span = receipts.last - replay_started if count else 0.0
+    return {
+        "rate": count / span if span > 0 else 0.0,
+        "accept_rate": sent / accept_elapsed if accept_elapsed > 0 else 0.0,
+        "count": count,
+        "sent": sent,
+        "lost": sent - count,
+        "elapsed": span,
+        "accept_elapsed": accept_elapsed,
+        "p50_us": None,
+        "p99_us": None,
+        **meter.stop(count),
+    }
+
+
+class Window:
+    """Up to ``size`` operations in flight at once, for clients whose every call waits for its
+    own acknowledgement: ``await add(coroutine)`` starts one; ``await flush()`` waits for all."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pending: list[asyncio.Future[Any]] = []
+
+    async def add(self, operation: Awaitable[Any]) -> None:
+        self.pending.append(asyncio.ensure_future(operation))
+        if len(self.pending) >= self.size:
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        await asyncio.gather(*pending)
 
 
 async def produce(
@@ -330,17 +403,18 @@ def python_env() -> dict[str, str]:
 
 @dataclass
 class Hub:
-    """A hub (PacketStack service or raw relay) running as its own process."""
+    """A hub (PacketStack service, raw relay or private broker) running as its own process."""
 
     name: str
     argv: list[str]
     port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    scheme: str = "ps"
 
     @property
     def url(self) -> str:
-        return f"ps://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("wb")
@@ -416,6 +490,36 @@ def raw_hub(workdir: Path, port: int | None = None) -> Hub:
     port = port or free_port()
     argv = [sys.executable, "-m", "bench.relay", "--port", str(port)]
     return Hub("raw", argv, port, workdir / "raw-hub.log")
+
+
+def mosquitto_binary() -> str | None:
+    """The mosquitto broker's executable (Debian installs it in /usr/sbin), or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return MOSQUITTO_SBIN if os.access(MOSQUITTO_SBIN, os.X_OK) else None
+
+
+def mosquitto_version(binary: str) -> str | None:
+    """The version line ``mosquitto -h`` prints ("mosquitto version 2.0.11"), or None."""
+    try:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = (out.stdout or out.stderr).strip().splitlines()
+    return first[0].strip() if first else None
+
+
+def mosquitto_hub(workdir: Path, binary: str, port: int | None = None) -> Hub:
+    """A private mosquitto on 127.0.0.1 for the backlog scenario: unlike the packaged
+    defaults (max_queued_messages 1000 per client, the rest dropped) it queues every
+    message for an offline client, and it keeps them in memory only (no persistence file)."""
+    port = port or free_port()
+    config = workdir / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", *MOSQUITTO_SETTINGS]
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = [binary, "-c", str(config)]
+    return Hub("mosquitto", argv, port, workdir / "mosquitto.log", scheme="mqtt")
 
 
 # -------------------------------------------------------------------- CPU placement
@@ -532,6 +636,7 @@ def machine_info() -> dict[str, Any]:
         "uvloop": _version("uvloop"),
         "msgspec": _version("msgspec"),
         "nats_py": _version("nats-py"),
+        "aiomqtt": _version("aiomqtt"),
         "packetstack": _version("packetstack"),
         "packetstack_source": source,
         # Only meaningful when packetstack comes from this work tree's src/.

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from .suite import format_report
+from .suite import DURABLE_SCENARIOS, format_report
 
 
 def _cell(value: float | None, spec: str, suffix: str = "") -> str:
@@ -22,6 +22,47 @@ def _load(values: list[float] | None) -> str:
     return "?" if not values else " / ".join(f"{v:.2f}" for v in values)
 
 
+def _messaging(report: dict[str, Any]) -> list[str]:
+    """The messaging scenarios' table, or nothing when none was run."""
+    rows = [r for r in report["table"] if r["scenario"] not in DURABLE_SCENARIOS]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| scenario | system | rate (msg/s) | p50 µs | p99 µs | ratio vs raw | ratio vs nats |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['scenario']} | {row['system']} | {_cell(row['rate'], ',.0f')} | "
+            f"{_cell(row['p50_us'], ',.1f')} | {_cell(row['p99_us'], ',.1f')} | "
+            f"{_cell(row['ratio_vs_raw'], '.2f', 'x')} | "
+            f"{_cell(row['ratio_vs_nats'], '.2f', 'x')} |"
+        )
+    return lines
+
+
+def _backlog(report: dict[str, Any]) -> list[str]:
+    """The durable scenarios' table, or nothing when none was run."""
+    rows = [r for r in report["table"] if r["scenario"] in DURABLE_SCENARIOS]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| scenario | system | replay (msg/s) | accepted (msg/s) | lost (worst run) |"
+        " replay vs mosquitto | replay vs jetstream |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['scenario']} | {row['system']} | {_cell(row['rate'], ',.0f')} | "
+            f"{_cell(row['accept_rate'], ',.0f')} | {_cell(row['lost_max'], ',d')} | "
+            f"{_cell(row['ratio_vs_mosquitto'], '.2f', 'x')} | "
+            f"{_cell(row['ratio_vs_jetstream'], '.2f', 'x')} |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -29,22 +70,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"- machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}",
         f"- Python {m['python']} ({m['python_implementation']}), uvloop {m['uvloop']}, "
         f"msgspec {m['msgspec']}, nats-py {m['nats_py']}, {m.get('nats_server') or '?'}",
+        *(
+            [f"- mosquitto: {m['mosquitto']}; aiomqtt {m.get('aiomqtt')}"]
+            if m.get("mosquitto")
+            else []
+        ),
         f"- packetstack {m['packetstack']} from `{m.get('packetstack_source')}`, commit "
         f"`{m.get('git_commit')}`"
         + (" (with uncommitted changes in src/)" if m.get("git_src_dirty") else ""),
         f"- date {m['date']}, load average {_load(m.get('loadavg_start'))} at the start, "
         f"{_load(m.get('loadavg_end'))} at the end; the suite took {report.get('duration_s')} s",
-        "",
-        "| scenario | system | rate (msg/s) | p50 µs | p99 µs | ratio vs raw | ratio vs nats |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in report["table"]:
-        lines.append(
-            f"| {row['scenario']} | {row['system']} | {_cell(row['rate'], ',.0f')} | "
-            f"{_cell(row['p50_us'], ',.1f')} | {_cell(row['p99_us'], ',.1f')} | "
-            f"{_cell(row['ratio_vs_raw'], '.2f', 'x')} | "
-            f"{_cell(row['ratio_vs_nats'], '.2f', 'x')} |"
-        )
+    lines += _messaging(report)
+    lines += _backlog(report)
     lines += [
         "",
         "| scenario | system | client CPU µs/msg | hub CPU µs/msg | client CPU | hub CPU |"

@@ -13,12 +13,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import common, sys_nats, sys_packetstack, sys_raw
+from . import common, sys_jetstream, sys_mosquitto, sys_nats, sys_packetstack, sys_raw
 from .common import (
     BODY_SIZE,
     PIN_MODES,
@@ -29,6 +29,9 @@ from .common import (
     hub_dir,
     machine_info,
     median,
+    mosquitto_binary,
+    mosquitto_hub,
+    mosquitto_version,
     packetstack_hub,
     placement_for,
     raw_hub,
@@ -38,6 +41,7 @@ from .common import (
 SCHEMA = "packetstack-bench/1"
 MEDIAN_KEYS = (
     "rate",
+    "accept_rate",
     "p50_us",
     "p99_us",
     "mean_us",
@@ -51,12 +55,28 @@ SCENARIOS: dict[str, str] = {
     "one-way": "producer -> hub -> consumer, 64-byte bodies, delivered packets/s at the consumer",
     "req-1": "request/reply through the hub, 1 outstanding (sequential)",
     "req-100": "request/reply through the hub, 100 outstanding (100 concurrent requesters)",
+    "backlog": "packets stored durably for an offline consumer, then replayed when it connects: "
+    "replayed packets/s (rate) and acknowledged-as-stored packets/s (accept_rate)",
 }
 SYSTEMS: dict[str, str] = {
     "packetstack": "PacketStack Client -> `packetstack serve` (own process, uvloop)",
     "raw": "raw asyncio.Protocol clients -> raw relay with the same framing (own process, uvloop)",
     "nats": "nats-py clients (uvloop) -> nats-server on 127.0.0.1:4222",
+    "mosquitto": "aiomqtt clients (uvloop), QoS 1, persistent session -> a private mosquitto "
+    "(own process, unlimited queue, no persistence) or the broker at --mqtt-url",
+    "jetstream": "nats-py JetStream (uvloop): file-storage stream, durable push consumer "
+    "-> nats-server on 127.0.0.1:4222",
 }
+# The systems each scenario compares: the backlog needs a server that stores packets.
+MESSAGING = ("packetstack", "raw", "nats")
+SCENARIO_SYSTEMS: dict[str, tuple[str, ...]] = {
+    "one-way": MESSAGING,
+    "req-1": MESSAGING,
+    "req-100": MESSAGING,
+    "backlog": ("packetstack", "mosquitto", "jetstream"),
+}
+DURABLE_SCENARIOS = frozenset({"backlog"})  # reported in a table of their own
+BASELINES = ("raw", "nats", "mosquitto", "jetstream")  # every entry has ratio_vs_<each>
 
 # What the issue asks of PacketStack: (name, scenario, measure, against, op, threshold, text)
 TARGETS: list[tuple[str, str, str, str, str, float, str]] = [
@@ -80,6 +100,24 @@ TARGETS: list[tuple[str, str, str, str, str, float, str]] = [
         1.3,
         "p50 latency with 1 outstanding <= 1.3x the raw relay",
     ),
+    (
+        "backlog_vs_mosquitto",
+        "backlog",
+        "rate",
+        "mosquitto",
+        ">=",
+        3.0,
+        "backlog replay rate >= 3x mosquitto (aiomqtt, QoS 1 persistent session)",
+    ),
+    (
+        "backlog_vs_jetstream",
+        "backlog",
+        "rate",
+        "jetstream",
+        ">=",
+        1.0,
+        "backlog replay rate >= 1x NATS JetStream (nats-py, file storage)",
+    ),
 ]
 
 
@@ -92,6 +130,7 @@ class Options:
     json_path: str | None = None
     timebox: float | None = None
     nats_url: str = sys_nats.NATS_URL
+    mqtt_url: str | None = None  # None: the suite starts its own mosquitto
     check: bool = False
     quiet: bool = False
     pin: str = "auto"
@@ -110,8 +149,16 @@ class Options:
 def _driver(
     system: str, scenario: str, address: str, plan: Plan
 ) -> Callable[[], Coroutine[Any, Any, dict[str, Any]]]:
-    module = {"packetstack": sys_packetstack, "raw": sys_raw, "nats": sys_nats}[system]
+    module: Any = {
+        "packetstack": sys_packetstack,
+        "raw": sys_raw,
+        "nats": sys_nats,
+        "mosquitto": sys_mosquitto,
+        "jetstream": sys_jetstream,
+    }[system]
     target: Any = int(address) if system == "raw" else address
+    if scenario == "backlog":
+        return lambda: module.backlog(target, plan)
     if scenario == "one-way":
         return lambda: module.one_way(target, plan)
     outstanding = 1 if scenario == "req-1" else plan.outstanding
@@ -125,7 +172,7 @@ def measure(
     the hub process whose CPU time the result reports."""
     common.hub_pid = hub_pid
     make = _driver(system, scenario, address, plan)
-    limit = plan.timebox * 2 + 120
+    limit = plan.timebox * 2 + 120 + (plan.fill_timebox if scenario in DURABLE_SCENARIOS else 0)
 
     async def bounded() -> dict[str, Any]:
         return await asyncio.wait_for(make(), limit)
@@ -141,8 +188,95 @@ def _log(options: Options, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class _Servers:
+    """Where each system's server is, the hub processes the suite started, the process whose
+    CPU time a system's results report, and why a system cannot be measured."""
+
+    hubs: dict[str, Hub] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int | None] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+def _own_hubs(options: Options, needed: set[str], workdir: Path, servers: _Servers) -> None:
+    """Create (not start) the hubs this run needs and runs itself."""
+    if "packetstack" in needed:
+        servers.hubs["packetstack"] = packetstack_hub(workdir)
+    if "raw" in needed:
+        servers.hubs["raw"] = raw_hub(workdir)
+    if "mosquitto" in needed and options.mqtt_url is None:
+        binary = mosquitto_binary()
+        if binary is None:
+            servers.unavailable["mosquitto"] = (
+                "the mosquitto binary was not found: install it, or pass --mqtt-url"
+            )
+        else:
+            servers.hubs["mosquitto"] = mosquitto_hub(workdir, binary)
+
+
+def _other_servers(
+    options: Options, needed: set[str], machine: dict[str, Any], servers: _Servers
+) -> None:
+    """Servers this run does not start: the NATS server, the machine's mosquitto."""
+    if "mosquitto" in needed and options.mqtt_url is not None:
+        servers.addresses["mosquitto"] = options.mqtt_url
+        servers.pids["mosquitto"] = find_pid("mosquitto")  # None when it runs elsewhere
+        machine["mosquitto"] = f"the broker at {options.mqtt_url} (not started by the suite)"
+    for system in ("nats", "jetstream"):
+        if system in needed:
+            servers.addresses[system] = options.nats_url
+            servers.pids[system] = find_pid("nats-server")  # None when it runs elsewhere
+    if needed & {"nats", "jetstream"}:
+        try:
+            machine["nats_server"] = run_loop(sys_nats.server_version(options.nats_url))
+        except Exception as exc:  # measured below anyway: each run records the error
+            machine["nats_server"] = None
+            _log(options, f"NATS at {options.nats_url} is not usable: {exc!r}")
+
+
+def _start_hubs(options: Options, machine: dict[str, Any], servers: _Servers) -> None:
+    for name, hub in servers.hubs.items():
+        hub.start()
+        servers.addresses[name] = str(hub.port) if name == "raw" else hub.url
+        _log(options, f"hub {name}: pid {hub.process.pid if hub.process else '?'}, port {hub.port}")
+    mosquitto = servers.hubs.get("mosquitto")
+    if mosquitto is not None:
+        version = mosquitto_version(mosquitto.argv[0]) or "mosquitto"
+        machine["mosquitto"] = f"{version} started by the suite: " + ", ".join(
+            common.MOSQUITTO_SETTINGS[:4]
+        )
+
+
+def _measure_one(
+    options: Options, servers: _Servers, placement: Placement, scenario: str, system: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One run of ``scenario`` for ``system``: (result, CPU placement)."""
+    own = servers.hubs.get(system)
+    if own is not None and not own.alive():
+        _log(options, f"hub {system} died; restarting:\n{own.log_tail()}")
+        own.start()
+    if own is not None and own.process is not None:
+        servers.pids[system] = own.process.pid
+    # Only hubs this suite started are pinned; the NATS server is not ours.
+    placed = placement.apply(
+        placement_for(options.pin, scenario),
+        own.process.pid if own is not None and own.process else None,
+    )
+    if system in servers.unavailable:
+        return {"error": servers.unavailable[system], "rate": None}, placed
+    try:
+        result = measure(
+            system, scenario, servers.addresses[system], options.plan, servers.pids.get(system)
+        )
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}", "rate": None}
+    return result, placed
+
+
 def run(options: Options) -> dict[str, Any]:
-    """Measure every selected scenario for every selected system ``options.runs`` times."""
+    """Measure every selected scenario for every selected system ``options.runs`` times
+    (each scenario only for the systems it compares: SCENARIO_SYSTEMS)."""
     unknown = [s for s in options.only if s not in SCENARIOS]
     unknown += [s for s in options.systems if s not in SYSTEMS]
     if unknown:
@@ -152,67 +286,39 @@ def run(options: Options) -> dict[str, Any]:
     if options.pin not in PIN_MODES:
         raise ValueError(f"--pin must be one of {', '.join(PIN_MODES)}")
     plan = options.plan
-    scenarios = [s for s in SCENARIOS if s in options.only]
-    systems = [s for s in SYSTEMS if s in options.systems]
+    pairs = {
+        sc: [sy for sy in SCENARIO_SYSTEMS[sc] if sy in options.systems]
+        for sc in SCENARIOS
+        if sc in options.only
+    }
+    needed = {sy for systems in pairs.values() for sy in systems}
     machine = machine_info()
     began = time.perf_counter()
     raw_runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        sc: {sy: [] for sy in systems} for sc in scenarios
+        sc: {sy: [] for sy in systems} for sc, systems in pairs.items()
     }
-    hubs: dict[str, Hub] = {}
-    addresses: dict[str, str] = {}
-    hub_pids: dict[str, int | None] = {}
+    servers = _Servers()
     placement = Placement()
-    placed: dict[str, dict[str, dict[str, Any]]] = {sc: {} for sc in scenarios}
+    placed: dict[str, dict[str, dict[str, Any]]] = {sc: {} for sc in pairs}
     with hub_dir() as workdir:
         try:
-            if "packetstack" in systems:
-                hubs["packetstack"] = packetstack_hub(workdir)
-            if "raw" in systems:
-                hubs["raw"] = raw_hub(workdir)
-            for name, hub in hubs.items():
-                hub.start()
-                addresses[name] = hub.url if name == "packetstack" else str(hub.port)
-                _log(
-                    options,
-                    f"hub {name}: pid {hub.process.pid if hub.process else '?'}, port {hub.port}",
-                )
-            if "nats" in systems:
-                addresses["nats"] = options.nats_url
-                hub_pids["nats"] = find_pid("nats-server")  # None when it runs elsewhere
-                try:
-                    machine["nats_server"] = run_loop(sys_nats.server_version(options.nats_url))
-                except Exception as exc:  # measured below anyway: each run records the error
-                    machine["nats_server"] = None
-                    _log(options, f"NATS at {options.nats_url} is not usable: {exc!r}")
+            _own_hubs(options, needed, workdir, servers)
+            _start_hubs(options, machine, servers)
+            _other_servers(options, needed, machine, servers)
             for index in range(options.runs):
-                for scenario in scenarios:
+                for scenario, systems in pairs.items():
                     # Rotate the order each run so slow drift on a shared machine spreads evenly.
-                    order = systems[index % len(systems) :] + systems[: index % len(systems)]
-                    for system in order:
-                        own = hubs.get(system)
-                        if own is not None and not own.alive():
-                            _log(options, f"hub {system} died; restarting:\n{own.log_tail()}")
-                            own.start()
-                        if own is not None and own.process is not None:
-                            hub_pids[system] = own.process.pid
-                        # Only hubs this suite started are pinned; the NATS server is not ours.
-                        placed[scenario][system] = placement.apply(
-                            placement_for(options.pin, scenario),
-                            own.process.pid if own is not None and own.process else None,
+                    turn = index % len(systems) if systems else 0
+                    for system in systems[turn:] + systems[:turn]:
+                        result, placed[scenario][system] = _measure_one(
+                            options, servers, placement, scenario, system
                         )
-                        try:
-                            result = measure(
-                                system, scenario, addresses[system], plan, hub_pids.get(system)
-                            )
-                        except Exception as exc:
-                            result = {"error": f"{type(exc).__name__}: {exc}", "rate": None}
                         result["run"] = index + 1
                         raw_runs[scenario][system].append(result)
                         _log(options, _progress(index + 1, options.runs, scenario, system, result))
         finally:
             placement.restore()
-            for hub in hubs.values():
+            for hub in servers.hubs.values():
                 hub.stop()
     try:
         machine["loadavg_end"] = list(os.getloadavg())
@@ -232,6 +338,8 @@ def _progress(index: int, runs: int, scenario: str, system: str, result: dict[st
     text = f"{head} {result['rate']:>12,.0f} msg/s"
     if result.get("p50_us") is not None:
         text += f"  p50 {result['p50_us']:8.1f} µs  p99 {result['p99_us']:8.1f} µs"
+    if result.get("accept_rate") is not None:
+        text += f"  accepted {result['accept_rate']:>10,.0f} msg/s"
     if result.get("lost"):
         text += f"  LOST {result['lost']}"
     return text
@@ -278,24 +386,29 @@ def _report(
         systems: dict[str, Any] = {}
         for system, runs in by_system.items():
             med = medians[system]
+            ratios = {
+                f"ratio_vs_{base}": _ratio(med["rate"], medians.get(base, {}).get("rate"))
+                for base in BASELINES
+            }
             entry = {
                 "runs": runs,
                 "errors": sum(1 for r in runs if r.get("error")),
                 "median": med,
-                "ratio_vs_raw": _ratio(med["rate"], medians.get("raw", {}).get("rate")),
-                "ratio_vs_nats": _ratio(med["rate"], medians.get("nats", {}).get("rate")),
+                **ratios,
                 "p50_ratio_vs_raw": _ratio(med["p50_us"], medians.get("raw", {}).get("p50_us")),
             }
             systems[system] = entry
+            losses = [r["lost"] for r in runs if not r.get("error") and r.get("lost") is not None]
             table.append(
                 {
                     "scenario": scenario,
                     "system": system,
                     "rate": med["rate"],
+                    "accept_rate": med["accept_rate"],
                     "p50_us": med["p50_us"],
                     "p99_us": med["p99_us"],
-                    "ratio_vs_raw": entry["ratio_vs_raw"],
-                    "ratio_vs_nats": entry["ratio_vs_nats"],
+                    "lost_max": max(losses) if losses else None,
+                    **ratios,
                 }
             )
         scenarios[scenario] = {"description": SCENARIOS[scenario], "systems": systems}
@@ -329,6 +442,7 @@ def _report(
             "only": [s for s in SCENARIOS if s in options.only],
             "systems": [s for s in SYSTEMS if s in options.systems],
             "nats_url": options.nats_url,
+            "mqtt_url": options.mqtt_url,
             "pin": options.pin,
             "plan": plan.as_dict(),
             "body_bytes": BODY_SIZE,
@@ -354,6 +468,8 @@ def _argv_of(options: Options) -> list[str]:
         argv += ["--timebox", str(options.timebox)]
     if options.pin != "auto":
         argv += ["--pin", options.pin]
+    if options.mqtt_url is not None:
+        argv += ["--mqtt-url", options.mqtt_url]
     if options.json_path:
         argv += ["--json", options.json_path]
     return argv
@@ -363,7 +479,38 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+Cells = tuple[str, ...]
+
+
+def _grid(head: Cells, rows: Sequence[Cells], rule: bool = True) -> list[str]:
+    """Aligned lines: the first two columns to the left, the figures to the right; a blank
+    line wherever the first column changes."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: Cells) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    out = [line(head)]
+    if rule:
+        out.append("  ".join("-" * w for w in widths))
+    previous = None
+    for row in rows:
+        if rule and previous is not None and row[0] != previous:
+            out.append("")
+        out.append(line(row))
+        previous = row[0]
+    return out
+
+
+def _rows(report: dict[str, Any], durable: bool) -> list[dict[str, Any]]:
+    return [r for r in report["table"] if (r["scenario"] in DURABLE_SCENARIOS) == durable]
+
+
 def format_table(report: dict[str, Any]) -> str:
+    """The messaging scenarios (one-way, request/reply): rates, latencies, ratios."""
     head = (
         "scenario",
         "system",
@@ -383,24 +530,35 @@ def format_table(report: dict[str, Any]) -> str:
             _fmt(row["ratio_vs_raw"], ".2f", "x"),
             _fmt(row["ratio_vs_nats"], ".2f", "x"),
         )
-        for row in report["table"]
+        for row in _rows(report, durable=False)
     ]
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join(_grid(head, rows))
 
-    def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+
+def format_backlog(report: dict[str, Any]) -> str:
+    """The durable scenarios: replay rate, accept (publish-acknowledged) rate, losses."""
+    head = (
+        "scenario",
+        "system",
+        "replay (msg/s)",
+        "accepted (msg/s)",
+        "lost (worst run)",
+        "replay vs mosquitto",
+        "vs jetstream",
+    )
+    rows = [
+        (
+            row["scenario"],
+            row["system"],
+            _fmt(row["rate"], ",.0f"),
+            _fmt(row["accept_rate"], ",.0f"),
+            _fmt(row["lost_max"], ",d"),
+            _fmt(row["ratio_vs_mosquitto"], ".2f", "x"),
+            _fmt(row["ratio_vs_jetstream"], ".2f", "x"),
         )
-
-    out = [line(head), "  ".join("-" * w for w in widths)]
-    previous = None
-    for row in rows:
-        if previous is not None and row[0] != previous:
-            out.append("")
-        out.append(line(row))
-        previous = row[0]
-    return "\n".join(out)
+        for row in _rows(report, durable=True)
+    ]
+    return "\n".join(_grid(head, rows))
 
 
 def format_cpu(report: dict[str, Any]) -> str:
@@ -420,17 +578,9 @@ def format_cpu(report: dict[str, Any]) -> str:
                     _fmt(med.get("hub_cpu_pct"), ".0f", "%"),
                 )
             )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    out = ["CPU per message (median; 100% = one core busy for the whole measured phase):"]
-    for cells in [head, *rows]:
-        out.append(
-            "  "
-            + "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-        )
-    return "\n".join(out)
+    lines = _grid(head, rows, rule=False)
+    title = "CPU per message (median; 100% = one core busy for the whole measured phase):"
+    return "\n".join([title, *("  " + line for line in lines)])
 
 
 def format_targets(report: dict[str, Any]) -> str:
@@ -454,7 +604,8 @@ def _placement_line(report: dict[str, Any]) -> str:
         parts.append(f"{scenario}: {'/'.join(sorted(modes)) or '?'}")
     return (
         f"CPU placement (--pin {report['options']['pin']}; split = hub and clients on two "
-        f"CPUs, same = one CPU; the NATS server is never pinned): " + ", ".join(parts)
+        "CPUs, same = one CPU; servers the suite did not start (NATS, --mqtt-url) are never "
+        "pinned): " + ", ".join(parts)
     )
 
 
@@ -470,14 +621,14 @@ def format_report(report: dict[str, Any]) -> str:
         ),
         f"{m['cpu_model']} x{m['cpu_count']}, {m['platform']}, Python {m['python']}, "
         f"uvloop {m['uvloop']}, nats-server {m.get('nats_server') or '?'}, {m['date']}",
-        _placement_line(report),
-        "",
-        format_table(report),
-        "",
-        format_cpu(report),
-        "",
-        format_targets(report),
     ]
+    if m.get("mosquitto"):
+        lines.append(f"mosquitto: {m['mosquitto']}; aiomqtt {m.get('aiomqtt') or '?'}")
+    lines.append(_placement_line(report))
+    for durable, table in ((False, format_table), (True, format_backlog)):
+        if _rows(report, durable):
+            lines += ["", table(report)]
+    lines += ["", format_cpu(report), "", format_targets(report)]
     errors = [
         f"  {sc} / {sy}: {r['error']}"
         for sc, entry in report["scenarios"].items()
@@ -502,7 +653,8 @@ def _names(values: list[str] | None, default: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python3 -m bench",
-        description="PacketStack against a raw asyncio relay and nats-py, in the same run.",
+        description="PacketStack against a raw asyncio relay, nats-py, mosquitto and NATS "
+        "JetStream, in the same run.",
     )
     parser.add_argument(
         "--runs", type=int, default=3, help="repeat each scenario N times and report the median [3]"
@@ -531,6 +683,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     parser.add_argument("--nats-url", default=sys_nats.NATS_URL)
     parser.add_argument(
+        "--mqtt-url",
+        metavar="URL",
+        help="measure mosquitto at URL (e.g. " + sys_mosquitto.MQTT_URL + ") instead of a private "
+        "broker the suite starts; a packaged broker queues only 1000 messages per client",
+    )
+    parser.add_argument(
         "--pin",
         choices=PIN_MODES,
         default="auto",
@@ -548,6 +706,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         json_path=args.json_path,
         timebox=args.timebox,
         nats_url=args.nats_url,
+        mqtt_url=args.mqtt_url,
         check=args.check,
         quiet=args.quiet,
         pin=args.pin,

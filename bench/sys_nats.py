@@ -23,12 +23,12 @@ PAYLOAD = b"n" * BODY_SIZE
 REPLY = b"a" * BODY_SIZE
 
 
-async def _connect(name: str, url: str) -> Any:
+async def connect(name: str, url: str) -> Any:
     return await nats.connect(url, name=name, allow_reconnect=False, connect_timeout=5)
 
 
 async def server_version(url: str = NATS_URL) -> str | None:
-    nc = await _connect("bench-probe", url)
+    nc = await connect("bench-probe", url)
     try:
         return str(nc.connected_server_version)
     finally:
@@ -38,8 +38,8 @@ async def server_version(url: str = NATS_URL) -> str | None:
 async def one_way(url: str, plan: Plan, count: int | None = None) -> dict[str, Any]:
     count = plan.one_way if count is None else count
     subject = f"bench.{uuid.uuid4().hex}.oneway"
-    consumer = await _connect("bench-consumer", url)
-    producer = await _connect("bench-producer", url)
+    consumer = await connect("bench-consumer", url)
+    producer = await connect("bench-producer", url)
     state: list[Receipts] = [Receipts(plan.one_way_warmup)]
 
     async def received(msg: Any) -> None:
@@ -71,8 +71,8 @@ async def one_way(url: str, plan: Plan, count: int | None = None) -> dict[str, A
 async def request_reply(url: str, plan: Plan, outstanding: int) -> dict[str, Any]:
     total = plan.rr1 if outstanding == 1 else plan.rr100
     subject = f"bench.{uuid.uuid4().hex}.request"
-    responder = await _connect("bench-responder", url)
-    requester = await _connect("bench-requester", url)
+    responder = await connect("bench-responder", url)
+    requester = await connect("bench-requester", url)
 
     async def answer(msg: Any) -> None:
         await msg.respond(REPLY)

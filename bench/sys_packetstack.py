@@ -1,4 +1,7 @@
-"""PacketStack's drivers: two Clients talking through a service in its own process."""
+"""PacketStack's drivers: two Clients talking through a service in its own process.
+
+The backlog scenario sends to an ending that is not connected: the service stores those
+packets durably in its mailbox and delivers them when it connects."""
 
 from __future__ import annotations
 
@@ -13,10 +16,15 @@ from .common import (
     CpuMeter,
     Plan,
     Receipts,
+    backlog_result,
     drive_requests,
     one_way_result,
+    perf_counter,
     produce,
 )
+
+BACKLOG_SINK = "bench-sink"
+IDLE = 2.0  # seconds without a packet after which the replay counts the rest as lost
 
 
 class Blob(Packet):
@@ -102,3 +110,40 @@ async def request_reply(url: str, plan: Plan, outstanding: int) -> dict[str, Any
     finally:
         await requester.close()
         await responder.close()
+
+
+async def _fill_mailbox(producer: Client, count: int, timebox: float) -> tuple[int, float]:
+    """Send to the offline sink; the last send waits for the service's acknowledgement that
+    it is stored, and stores commit in order: (sent, seconds to that acknowledgement)."""
+
+    async def send(i: int) -> None:
+        await producer.send(BACKLOG_SINK, Blob(BLOB_DATA))
+
+    start = perf_counter()
+    sent, _ = await produce(send, count - 1, timebox)
+    await producer.send(BACKLOG_SINK, Blob(BLOB_DATA), ack=True)
+    return sent + 1, perf_counter() - start
+
+
+async def backlog(url: str, plan: Plan, count: int | None = None) -> dict[str, Any]:
+    count = plan.backlog if count is None else count
+    producer = _client("bench-producer", url)
+    sink = _client(BACKLOG_SINK, url)
+    receipts = Receipts(count)
+
+    @sink.on(Blob)
+    async def received(packet: Blob, ctx: Context) -> None:
+        receipts.hit()
+
+    await producer.connect()
+    try:
+        sent, accept_elapsed = await _fill_mailbox(producer, count, plan.fill_timebox)
+        receipts.expect(sent)
+        meter = CpuMeter()
+        started = perf_counter()
+        await sink.connect()
+        await receipts.settle(IDLE, plan.timebox * 2 + 60)
+        return backlog_result(receipts, sent, accept_elapsed, started, meter)
+    finally:
+        await producer.close()
+        await sink.close()

@@ -1,7 +1,9 @@
 """Smoke test of the benchmark suite (bench/): every scenario, every system, tiny counts.
 
-It needs the NATS server on 127.0.0.1:4222 (one of the three systems measured); without it
-the test is skipped locally and fails under CI=true.
+The messaging scenarios need the NATS server on 127.0.0.1:4222; the backlog baselines need
+it too (JetStream) and the mosquitto binary (the suite starts a private broker), and one test
+measures the machine's mosquitto on 127.0.0.1:1883. Without them the tests are skipped
+locally and fail under CI=true.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from conftest import require_server
+import pytest
+from conftest import IN_CI, require_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SCENARIOS = ("one-way", "req-1", "req-100")
 SYSTEMS = ("packetstack", "raw", "nats")
+BACKLOG_BASELINES = ("mosquitto", "jetstream")
+QUICK_BACKLOG = 2_000  # Plan.quick().backlog
 MACHINE_KEYS = {"platform", "cpu_model", "python", "uvloop", "date"}
 REPORT_KEYS = {"schema", "command", "options", "machine", "scenarios", "table", "targets"}
 
@@ -36,21 +42,55 @@ def _bench() -> ModuleType:
     return bench
 
 
-def test_quick_suite_measures_every_scenario_for_every_system(tmp_path: Path) -> None:
-    require_server("NATS", "127.0.0.1", 4222)
-    bench = _bench()
+def require_mosquitto_binary(bench: ModuleType) -> None:
+    """Skip (locally) or fail (under CI=true) when the mosquitto broker is not installed."""
+    if bench.common.mosquitto_binary() is None:
+        message = "the mosquitto binary is not installed; install it to run this test"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def run_quick(bench: ModuleType, tmp_path: Path, *argv: str) -> dict[str, Any]:
+    """``python3 -m bench --quick --runs 1 ARGV``, bounded in time; the JSON report."""
     out = tmp_path / "quick.json"
-
     started = time.monotonic()
-    status = bench.main(["--quick", "--runs", "1", "--json", str(out), "--quiet"])
+    status = bench.main(["--quick", "--runs", "1", "--json", str(out), "--quiet", *argv])
     took = time.monotonic() - started
-
-    assert status == 0
-    report = json.loads(out.read_text(encoding="utf-8"))
+    report: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    errors = [
+        r["error"]
+        for entry in report["scenarios"].values()
+        for data in entry["systems"].values()
+        for r in data["runs"]
+        if r.get("error")
+    ]
+    assert status == 0, errors
+    assert took < 60, f"the --quick suite took {took:.1f} s"
     assert set(report) >= REPORT_KEYS
     assert set(report["machine"]) >= MACHINE_KEYS
     assert report["options"]["runs"] == 1 and report["options"]["quick"] is True
-    assert set(bench.SCENARIOS) == set(SCENARIOS) and set(bench.SYSTEMS) == set(SYSTEMS)
+    return report
+
+
+def check_backlog(report: dict[str, Any], system: str) -> dict[str, Any]:
+    """One backlog run of ``system`` that measured both rates; its result."""
+    entry = report["scenarios"]["backlog"]["systems"][system]
+    assert entry["errors"] == 0, entry["runs"]
+    (run,) = entry["runs"]
+    assert run["rate"] > 0 and run["accept_rate"] > 0, (system, run)
+    assert run["sent"] == QUICK_BACKLOG and run["count"] + run["lost"] == run["sent"], run
+    return dict(run)
+
+
+def test_quick_suite_measures_every_scenario_for_every_system(tmp_path: Path) -> None:
+    require_server("NATS", "127.0.0.1", 4222)
+    bench = _bench()
+    report = run_quick(bench, tmp_path, "--only", ",".join(SCENARIOS))
+
+    assert set(bench.SCENARIOS) == {*SCENARIOS, "backlog"}
+    assert set(bench.SYSTEMS) == {*SYSTEMS, *BACKLOG_BASELINES}
+    assert set(report["scenarios"]) == set(SCENARIOS)
     for scenario in SCENARIOS:
         systems = report["scenarios"][scenario]["systems"]
         assert set(systems) == set(SYSTEMS)
@@ -66,11 +106,55 @@ def test_quick_suite_measures_every_scenario_for_every_system(tmp_path: Path) ->
             else:
                 assert entry["median"]["p50_us"] > 0 and entry["median"]["p99_us"] > 0
     assert len(report["table"]) == len(SCENARIOS) * len(SYSTEMS)
-    assert {t["name"] for t in report["targets"]} == {
-        "one_way_vs_nats",
-        "one_way_vs_raw",
-        "req100_vs_nats",
-        "req1_p50_vs_raw",
-    }
-    assert all(isinstance(t["met"], bool) and t["value"] > 0 for t in report["targets"])
-    assert took < 60, f"the --quick suite took {took:.1f} s"
+    messaging = {"one_way_vs_nats", "one_way_vs_raw", "req100_vs_nats", "req1_p50_vs_raw"}
+    backlog = {"backlog_vs_mosquitto", "backlog_vs_jetstream"}
+    assert {t["name"] for t in report["targets"]} == messaging | backlog
+    for target in report["targets"]:
+        if target["name"] in messaging:
+            assert isinstance(target["met"], bool) and target["value"] > 0, target
+        else:
+            assert target["met"] is None, target  # the backlog was not run
+
+
+def test_quick_backlog_baselines_replay_everything(tmp_path: Path) -> None:
+    """mosquitto (a private broker with an unlimited queue) and JetStream (file storage)
+    store every message for the offline consumer and replay all of them."""
+    require_server("NATS", "127.0.0.1", 4222)
+    bench = _bench()
+    require_mosquitto_binary(bench)
+    report = run_quick(
+        bench, tmp_path, "--only", "backlog", "--systems", ",".join(BACKLOG_BASELINES)
+    )
+
+    assert set(report["scenarios"]["backlog"]["systems"]) == set(BACKLOG_BASELINES)
+    for system in BACKLOG_BASELINES:
+        assert check_backlog(report, system)["lost"] == 0, system
+    assert "max_queued_messages 0" in report["machine"]["mosquitto"]
+    row = next(r for r in report["table"] if r["system"] == "mosquitto")
+    assert row["ratio_vs_mosquitto"] == 1.0 and row["ratio_vs_jetstream"] > 0
+
+
+def test_quick_backlog_counts_what_the_machines_mosquitto_drops(tmp_path: Path) -> None:
+    """The machine's broker (--mqtt-url) may queue fewer messages than were sent (the
+    packaged default is 1000 per client): the run reports what arrived and the rest as lost."""
+    require_server("Mosquitto", "127.0.0.1", 1883)
+    bench = _bench()
+    url = "mqtt://127.0.0.1:1883"
+    report = run_quick(
+        bench, tmp_path, "--only", "backlog", "--systems", "mosquitto", "--mqtt-url", url
+    )
+
+    run = check_backlog(report, "mosquitto")
+    assert run["count"] > 0
+    assert report["options"]["mqtt_url"] == url
+    row = next(r for r in report["table"] if r["system"] == "mosquitto")
+    assert row["lost_max"] == run["lost"]
+
+
+def test_quick_backlog_packetstack_replays_its_mailbox(tmp_path: Path) -> None:
+    """Packets sent to an ending that is not connected wait in its mailbox at the service
+    and all arrive once it connects; the last send's ack says they are stored."""
+    bench = _bench()
+    report = run_quick(bench, tmp_path, "--only", "backlog", "--systems", "packetstack")
+
+    assert check_backlog(report, "packetstack")["lost"] == 0
