@@ -73,6 +73,8 @@ SWEEP_MAX_WAIT = 60.0
 STORE_HIGH = 100_000
 STORE_LOW = 20_000
 STORE_BEHIND = "store"  # the reason reading is held
+# Seconds a congested ending may hold its senders before its packets spill to its mailbox.
+SPILL_AFTER = 0.1
 
 _ACK = int(Flag.ACK)
 _NOTIFY = int(Flag.NOTIFY)
@@ -89,8 +91,10 @@ class Ending:
 
     __slots__ = (
         "acked",
+        "congested",
         "cursor",
         "groups",
+        "held",
         "inflight",
         "last_id",
         "last_stored",
@@ -118,6 +122,9 @@ class Ending:
         self.cursor = 0  # highest stored sequence number sent on the current link
         self.replay: asyncio.Task[None] | None = None
         self.last_id = 0  # highest packet id accepted from this ending as a sender
+        # While its link is over high water: the timer that turns a hold into a spill.
+        self.congested: asyncio.TimerHandle | None = None
+        self.held: set[Link] = set()  # senders not read until it drains (or spills)
         self.groups: set[str] = set()
 
     def __repr__(self) -> str:
@@ -235,6 +242,10 @@ class Mailboxes:
         """The ending's link is gone: what it had not acknowledged waits in its mailbox."""
         ending.link = None
         ending.live = False
+        if ending.congested is not None:
+            ending.congested.cancel()
+            ending.congested = None
+        self._release(ending)
         if ending.replay is not None:
             ending.replay.cancel()
             ending.replay = None
@@ -258,12 +269,8 @@ class Mailboxes:
             ending.inflight.append((seq, frame, header, expires))
             link = ending.link
             assert link is not None
-            if not link.write_delivery(seq, frame):
-                # A slow reader: what follows goes to the mailbox until it drains.
-                ending.live = False
-                ending.cursor = ending.last_stored
-                self.stats["mailbox_spills"] += 1
-                link.on_writable(partial(self._resume, ending, link))
+            if not link.write_delivery(seq, frame) and ending.congested is None:
+                self._congested(ending, link)
             if header.flags & _ACK:
                 self._expect(header)
             return ""
@@ -395,8 +402,41 @@ class Mailboxes:
 
     # ---------------------------------------------------------------- replay
 
-    def _resume(self, ending: Ending, link: Link) -> None:
-        if ending.link is link and not link.closed and ending.replay is None:
+    # ------------------------------------------------------------ congestion
+
+    def _congested(self, ending: Ending, link: Link) -> None:
+        """``ending`` reads slower than packets arrive. First its senders are held (the
+        service stops reading them: a reader that is merely slower sets the pace, and
+        nothing touches the disk); if it has not drained after SPILL_AFTER, it is stalled:
+        the senders go on and what follows spills into its mailbox."""
+        assert self._loop is not None
+        ending.congested = self._loop.call_later(SPILL_AFTER, self._spill, ending, link)
+        link.on_writable(partial(self._drained, ending, link))
+
+    def hold_sender(self, ending: Ending, sender: Link) -> None:
+        if sender not in ending.held:
+            ending.held.add(sender)
+            sender.pause_reading(ending)
+
+    def _release(self, ending: Ending) -> None:
+        for sender in ending.held:
+            sender.resume_reading(ending)
+        ending.held.clear()
+
+    def _spill(self, ending: Ending, link: Link) -> None:
+        ending.congested = None
+        if ending.link is link and ending.live:
+            ending.live = False  # everything stored so far was sent: cursor = last_stored
+            ending.cursor = ending.last_stored
+            self.stats["mailbox_spills"] += 1
+        self._release(ending)
+
+    def _drained(self, ending: Ending, link: Link) -> None:
+        if ending.congested is not None:
+            ending.congested.cancel()
+            ending.congested = None
+        self._release(ending)
+        if ending.link is link and not link.closed and not ending.live and ending.replay is None:
             self._start_replay(ending)
 
     def _start_replay(self, ending: Ending) -> None:

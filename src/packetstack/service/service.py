@@ -399,6 +399,8 @@ class Service(Peer):
         if refusal:
             link = session.link
             link.write(link.connection.error_frame(header.id, ErrorCode.MAILBOX_FULL, refusal))
+        elif ending.congested is not None:
+            self.mailboxes.hold_sender(ending, session.link)
 
     def _duplicate(self, session: Session, header: PacketHeader) -> None:
         """A packet the sender resent after a reconnect, which this service took already."""
