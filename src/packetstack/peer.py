@@ -141,7 +141,9 @@ class Peer:
         durably stored at the service or handled by the ending, raising MailboxFull when
         the mailbox is full. With ``notify_expired=True`` the sender receives an
         :class:`~packetstack.notices.Expired` packet if it expires or is dropped."""
-        flags = (_ACK if ack else 0) | (_NOTIFY if notify_expired else 0)
+        flags = _ACK if ack else 0
+        if notify_expired:
+            flags |= _NOTIFY
         header = self._addressed(to, packet, flags)
         if ttl is not None:
             header.ttl = ttl_ms(ttl)

@@ -215,6 +215,7 @@ class Connection:
         kind = 0
         max_frame = self.max_frame
         is_open = self.state is _OPEN
+        takes_deliveries = is_open and self.role is _CLIENT
         decode_header = _packet_header.decode
         unpack_prefix = PREFIX.unpack_from
         unpack_seq = SEQ.unpack_from
@@ -242,7 +243,7 @@ class Connection:
                         continue
                     self._open_stream(header, memoryview(raw)[header_end:], events, 0)
                     continue
-                if kind == _DELIVER and is_open and self.role is _CLIENT:
+                if kind == _DELIVER and takes_deliveries:
                     header_end += _SEQ_SIZE
                     if hlen > length - KIND_AND_HLEN - _SEQ_SIZE:
                         raise ProtocolError(f"header length {hlen} runs past the end of its frame")
@@ -260,6 +261,7 @@ class Connection:
                     self._buffer = bytearray()  # nothing after CLOSE counts
                     return events
                 is_open = self.state is _OPEN
+                takes_deliveries = is_open and self.role is _CLIENT
                 max_frame = self.max_frame  # a WELCOME may have just set it
             if pos < total or buffer:  # else every byte is parsed and none was buffered
                 self._keep_partial(source, pos)

@@ -96,6 +96,7 @@ class Ending:
         "groups",
         "held",
         "inflight",
+        "inflight_acks",
         "last_id",
         "last_stored",
         "link",
@@ -116,6 +117,7 @@ class Ending:
         self.seq_limit = 0
         self.acked = 0  # highest sequence number the ending handled
         self.inflight: deque[InFlight] = deque()
+        self.inflight_acks = 0  # in-flight packets whose senders wait for an ACK
         self.stored = 0  # rows in its mailbox (including replayed, unacknowledged ones)
         self.stored_bytes = 0
         self.last_stored = 0  # highest sequence number written to the mailbox
@@ -255,6 +257,9 @@ class Mailboxes:
             for seq, frame, header, expires in inflight:
                 self._add_row(ending, seq, frame, header, expires)
             inflight.clear()
+            ending.inflight_acks = 0  # the rows' commit answers those senders now
+        self._acked_rows[ending.name] = ending.acked  # what a restart tells it in WELCOME
+        self._schedule_flush()
 
     # ------------------------------------------------------------- delivery
 
@@ -272,6 +277,7 @@ class Mailboxes:
             if not link.write_delivery(seq, frame) and ending.congested is None:
                 self._congested(ending, link)
             if header.flags & _ACK:
+                ending.inflight_acks += 1
                 self._expect(header)
             return ""
         refusal = self._make_room(ending, len(frame))
@@ -380,14 +386,19 @@ class Mailboxes:
             seq = ending.next_seq - 1
         ending.acked = seq
         inflight = ending.inflight
+        if inflight and inflight[-1][0] <= seq and not ending.inflight_acks:
+            inflight.clear()  # the usual case: all handled, no sender waits for any
         while inflight and inflight[0][0] <= seq:
             header = inflight.popleft()[2]
             if header.flags & _ACK:
+                ending.inflight_acks -= 1
                 self._done(header.src, header.id)
         if ending.stored:
+            # The store learns what was handled only where it holds rows to delete: the
+            # packets delivered live were never written, so there is nothing to undo.
             self._writes.append(partial(_delete_acked, ending.name, seq, self._on_deleted))
-        self._acked_rows[ending.name] = seq
-        self._schedule_flush()
+            self._acked_rows[ending.name] = seq
+            self._schedule_flush()
 
     def _on_deleted(self, name: str, count: int, size: int) -> None:
         # Called on the writer thread: hand the numbers to the loop.
