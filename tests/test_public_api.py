@@ -60,6 +60,9 @@ def test_errors_module_defines_the_documented_tree() -> None:
         "ConnectionClosed",
         "DeliveryError",
         "UnknownDestination",
+        "MailboxFull",
+        "OutboxFull",
+        "StoreError",
         "RequestTimeout",
         "RemoteError",
     ):

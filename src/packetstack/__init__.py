@@ -13,14 +13,18 @@ from .errors import (
     DeliveryError,
     HandshakeRefused,
     InvalidName,
+    MailboxFull,
+    OutboxFull,
     PacketStackError,
     PayloadTooLarge,
     ProtocolError,
     RemoteError,
     RequestTimeout,
+    StoreError,
     UnknownDestination,
     UnknownPacketType,
 )
+from .notices import Expired
 from .service import Service, ServiceConfig
 
 __version__ = "0.1.0"
@@ -34,8 +38,11 @@ __all__ = [
     "ConnectionFailed",
     "Context",
     "DeliveryError",
+    "Expired",
     "HandshakeRefused",
     "InvalidName",
+    "MailboxFull",
+    "OutboxFull",
     "Packet",
     "PacketStackError",
     "PayloadTooLarge",
@@ -44,6 +51,7 @@ __all__ = [
     "RequestTimeout",
     "Service",
     "ServiceConfig",
+    "StoreError",
     "UnknownDestination",
     "UnknownPacketType",
     "__version__",

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError, PacketStackError
+from .errors import ConfigError, PacketStackError, StoreError
 from .service import Service
 from .service.config import load
 from .transport import run
@@ -43,7 +43,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
     try:
         config = load(config_file, overrides=flags)
         run(_serve(config))
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, StoreError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

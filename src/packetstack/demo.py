@@ -66,4 +66,22 @@ async def _talk(url: str, token: str | None) -> None:
         answer: Answer = await alice.request("bob", Question(20, 22), timeout=5)
         click.echo(f"alice asked bob 20 + 22 and got {answer.total} from {answer.answered_by}")
         await asyncio.wait_for(done.wait(), 5)
-    click.echo("demo finished: 2 packets delivered, 1 request answered")
+        await _offline_delivery(alice, url, token)
+    click.echo("demo finished: 3 packets delivered, 1 request answered")
+
+
+async def _offline_delivery(alice: Client, url: str, token: str | None) -> None:
+    """A packet for an ending that is not connected waits in its mailbox."""
+    click.echo("alice -> carol (not connected): see you later")
+    await alice.send("carol", ChatMessage("see you later", datetime.now(UTC)), ack=True)
+    click.echo("  stored in carol's mailbox at the service (kept 3 hours by default)")
+    arrived = asyncio.Event()
+    carol = Client("carol", url, token=token)
+
+    @carol.on(ChatMessage)
+    async def on_chat(message: ChatMessage, ctx: Context) -> None:
+        click.echo(f"carol <- {ctx.sender} (waited for carol to connect): {message.text!r}")
+        arrived.set()
+
+    async with carol:
+        await asyncio.wait_for(arrived.wait(), 5)
