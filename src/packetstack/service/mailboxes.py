@@ -78,6 +78,7 @@ SPILL_AFTER = 0.1
 
 _ACK = int(Flag.ACK)
 _NOTIFY = int(Flag.NOTIFY)
+_RESENT = int(Flag.RESENT)
 
 # (seq, frame, header, expires) of a packet on its way to a connected ending.
 InFlight = tuple[int, bytes, PacketHeader, float]
@@ -522,8 +523,19 @@ class Mailboxes:
         if self._rows:
             rows, self._rows = self._rows, []
             acks, self._row_acks = self._row_acks, []
-            self.unsaved += len(rows)
-            self.store.write([(_INSERT, rows)], partial(self._stored, acks, len(rows)))
+            count = len(rows)
+            self.unsaved += count
+            statements: list[Statement] = []
+            resent = [row for row in rows if row[5] & _RESENT]
+            ignored: list[tuple[str, int]] = []
+            if resent:
+                # A resent packet may be stored already: insert those one by one to learn
+                # which were, and take them off the counts.
+                rows = [row for row in rows if not row[5] & _RESENT]
+                statements.append(partial(_insert_each, resent, ignored))
+            if rows:
+                statements.append((_INSERT, rows))
+            self.store.write(statements, partial(self._stored, acks, count, ignored))
 
     def hold_if_behind(self, link: Link) -> None:
         """Stop reading ``link`` while the store is far behind (see STORE_HIGH)."""
@@ -550,8 +562,16 @@ class Mailboxes:
                 ]
             )
 
-    def _stored(self, acks: list[tuple[str, int]], count: int, error: BaseException | None) -> None:
+    def _stored(
+        self,
+        acks: list[tuple[str, int]],
+        count: int,
+        ignored: list[tuple[str, int]],
+        error: BaseException | None,
+    ) -> None:
         self.unsaved -= count
+        for name, size in ignored:
+            self._forget_rows(name, 1, size)
         if self._held_links and self.unsaved < STORE_LOW:
             held, self._held_links = self._held_links, set()
             for link in held:
@@ -638,6 +658,14 @@ def _page(name: str, after: int, now: float, limit: int, db: sqlite3.Connection)
         "ORDER BY seq LIMIT ?",
         (name, after, now, limit),
     ).fetchall()
+
+
+def _insert_each(
+    rows: list[tuple[Any, ...]], ignored: list[tuple[str, int]], db: sqlite3.Connection
+) -> None:
+    for row in rows:
+        if db.execute(_INSERT, row).rowcount == 0:
+            ignored.append((row[0], len(row[7])))
 
 
 def _delete_acked(
