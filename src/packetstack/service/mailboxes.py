@@ -73,6 +73,8 @@ SWEEP_MAX_WAIT = 60.0
 STORE_HIGH = 100_000
 STORE_LOW = 20_000
 STORE_BEHIND = "store"  # the reason reading is held
+# Seconds before rows the store failed to commit are tried again.
+STORE_RETRY = 1.0
 # Seconds a congested ending may hold its senders before its packets spill to its mailbox.
 SPILL_AFTER = 0.1
 
@@ -521,7 +523,8 @@ class Mailboxes:
 
     def _flush_rows(self) -> None:
         if self._rows:
-            rows, self._rows = self._rows, []
+            batch = rows = self._rows
+            self._rows = []
             acks, self._row_acks = self._row_acks, []
             count = len(rows)
             self.unsaved += count
@@ -535,7 +538,7 @@ class Mailboxes:
                 statements.append(partial(_insert_each, resent, ignored))
             if rows:
                 statements.append((_INSERT, rows))
-            self.store.write(statements, partial(self._stored, acks, count, ignored))
+            self.store.write(statements, partial(self._stored, batch, acks, ignored))
 
     def hold_if_behind(self, link: Link) -> None:
         """Stop reading ``link`` while the store is far behind (see STORE_HIGH)."""
@@ -564,23 +567,33 @@ class Mailboxes:
 
     def _stored(
         self,
+        rows: list[tuple[Any, ...]],
         acks: list[tuple[str, int]],
-        count: int,
         ignored: list[tuple[str, int]],
         error: BaseException | None,
     ) -> None:
-        self.unsaved -= count
+        self.unsaved -= len(rows)
+        if error is not None:
+            # Kept in memory and tried again: a full or failing disk delays packets (and
+            # their senders' acks), it does not lose them.
+            log.error("%d mailbox rows not stored yet (%s); retrying", len(rows), error)
+            self.stats["store_retries"] += 1
+            assert self._loop is not None
+            self._loop.call_later(STORE_RETRY, self._retry, rows, acks)
+            return
         for name, size in ignored:
             self._forget_rows(name, 1, size)
         if self._held_links and self.unsaved < STORE_LOW:
             held, self._held_links = self._held_links, set()
             for link in held:
                 link.resume_reading(STORE_BEHIND)
-        if error is not None:
-            log.error("mailbox rows were not stored: %s", error)
-            return
         for src, pid in acks:
             self._done(src, pid)
+
+    def _retry(self, rows: list[tuple[Any, ...]], acks: list[tuple[str, int]]) -> None:
+        self._rows[:0] = rows
+        self._row_acks[:0] = acks
+        self._schedule_flush()
 
     # ----------------------------------------------------------------- expiry
 
@@ -596,13 +609,16 @@ class Mailboxes:
             except TimeoutError:
                 pass
             self._flush()
+            # Rows queued while the sweep runs lower this again; the store's minimum
+            # covers the ones flushed above.
+            self._next_expiry = float("inf")
             try:
                 expired, next_expiry = await self.store.read(partial(_sweep, time.time()))
             except Exception:
                 log.exception("mailbox expiry sweep failed; retrying")
-                await asyncio.sleep(1.0)
+                self._next_expiry = time.time() + 1.0
                 continue
-            self._next_expiry = next_expiry or float("inf")
+            self._next_expiry = min(self._next_expiry, next_expiry or float("inf"))
             for name, size, src, pid, flags, tag in expired:
                 ending = self.endings.get(name)
                 if ending is not None:
