@@ -310,6 +310,9 @@ class Pending:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    def __contains__(self, packet_id: object) -> bool:
+        return packet_id in self._waiting
+
     def expect(
         self, packet_id: int, timeout: float | None, what: str, replier: str | None = None
     ) -> asyncio.Future[Any]:

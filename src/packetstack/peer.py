@@ -132,7 +132,7 @@ class Peer:
         ack: bool = False,
         ttl: float | None = None,
         notify_expired: bool = False,
-    ) -> None:
+    ) -> int:
         """Send a packet to the ending named ``to`` (or ``"service"``).
 
         Connected or not, the ending gets it: the service keeps it in the ending's mailbox
@@ -140,7 +140,8 @@ class Peer:
         connects. Returns once the packet is on its way; with ``ack=True``, once it is
         durably stored at the service or handled by the ending, raising MailboxFull when
         the mailbox is full. With ``notify_expired=True`` the sender receives an
-        :class:`~packetstack.notices.Expired` packet if it expires or is dropped."""
+        :class:`~packetstack.notices.Expired` packet if it expires or is dropped. Returns
+        the packet's id (the ``id`` such a notice names)."""
         flags = _ACK if ack else 0
         if notify_expired:
             flags |= _NOTIFY
@@ -150,6 +151,7 @@ class Peer:
         waiter = self._transmit(header, packet, ack)
         if waiter is not None:
             await waiter
+        return header.id
 
     async def publish(
         self,
@@ -159,7 +161,7 @@ class Peer:
         ack: bool = False,
         ttl: float | None = None,
         notify_expired: bool = False,
-    ) -> None:
+    ) -> int:
         """Send a packet to every member of ``group`` except the sender; members that are
         offline find it in their mailboxes. Options as for ``send``."""
         check_name(group, "group name")
@@ -169,13 +171,15 @@ class Peer:
         waiter = self._transmit(header, packet, ack)
         if waiter is not None:
             await waiter
+        return header.id
 
-    async def broadcast(self, packet: Packet, *, ack: bool = False) -> None:
+    async def broadcast(self, packet: Packet, *, ack: bool = False) -> int:
         """Send a packet to every connected ending except the sender."""
         header = self._header(Target.ALL, "*", packet, _ACK if ack else 0)
         waiter = self._transmit(header, packet, ack)
         if waiter is not None:
             await waiter
+        return header.id
 
     async def request(self, to: str, packet: Packet, *, timeout: float | None = None) -> Any:
         """Send a request and return the reply packet. A request to an ending that is not

@@ -48,6 +48,7 @@ log = logging.getLogger("packetstack.client")
 
 _REPLY = int(Flag.REPLY)
 _RESENT = int(Flag.RESENT)
+_ACK = int(Flag.ACK)
 DEFAULT_OUTBOX_LIMIT = 10_000
 
 # Close codes after which reconnecting cannot help.
@@ -207,6 +208,8 @@ class Client(Peer):
         outbox = self._outbox
         while outbox:
             header, payload = outbox.popleft()
+            if header.flags & _ACK and header.id in self._pending:
+                self._unacked[header.id] = (header, payload)  # sent now: kept until acked
             link.write(connection.send_packet(header, payload))
 
     async def close(self) -> None:
@@ -285,13 +288,17 @@ class Client(Peer):
             return None
         return link.drain()
 
-    def _expect_ack(self, header: PacketHeader, payload: bytes) -> asyncio.Future[None]:
-        """Keep an ack=True packet until the service acknowledges it (or its wait ends)."""
+    def _expect_ack(
+        self, header: PacketHeader, payload: bytes, sent: bool = True
+    ) -> asyncio.Future[None]:
+        """Wait for the service's ACK of an ack=True packet, keeping the packet to send
+        again after a reconnect once it has been ``sent`` (see ``_send_held``)."""
         packet_id = header.id
         future: asyncio.Future[None] = self._pending.expect(
             packet_id, self.request_timeout, "acknowledgement"
         )
-        self._unacked[packet_id] = (header, payload)
+        if sent:
+            self._unacked[packet_id] = (header, payload)
         future.add_done_callback(lambda _: self._unacked.pop(packet_id, None))
         return future
 
@@ -310,7 +317,7 @@ class Client(Peer):
                 f"payload of {len(payload)} bytes is over the maximum of {self.max_payload}"
             )
         self._outbox.append((header, payload))
-        return self._expect_ack(header, payload) if ack else None
+        return self._expect_ack(header, payload, sent=False) if ack else None
 
     @property
     def max_payload(self) -> int:

@@ -399,7 +399,9 @@ class Service(Peer):
         if refusal:
             link = session.link
             link.write(link.connection.error_frame(header.id, ErrorCode.MAILBOX_FULL, refusal))
-        elif ending.congested is not None:
+            return
+        self.packets_out += 1
+        if ending.congested is not None:
             self.mailboxes.hold_sender(ending, session.link)
 
     def _duplicate(self, session: Session, header: PacketHeader) -> None:
