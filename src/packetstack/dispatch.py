@@ -13,7 +13,7 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Container
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -41,6 +41,9 @@ ReplySender = Callable[[PacketHeader, Packet | None, ErrorBody | None], None]
 _error_body_decoder = msgspec.msgpack.Decoder(ErrorBody)
 
 ERROR_TAG = "$error"
+# A delivery the client recognised as one it already handled: queued under this tag so the
+# dispatcher passes its sequence number in order (and acknowledges it) without handling it.
+REPEAT_TAG = "$repeat"
 
 _REQUEST = int(Flag.REQUEST)
 _ERROR = int(Flag.ERROR)
@@ -88,7 +91,9 @@ class HandlerTable:
     """Packet tag -> (decoder, handler, is_async): one lookup per received packet."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[Decode, Handler, bool]] = {}
+        self._entries: dict[str, tuple[Decode, Handler, bool]] = {
+            REPEAT_TAG: (cast(Decode, _nothing), _nothing_to_do, False)
+        }
         self.on_unhandled: Callable[[BaseException, Context], None] | None = None
 
     def on(self, packet_type: type[P]) -> Callable[[Handler], Handler]:
@@ -104,6 +109,14 @@ class HandlerTable:
             return handler
 
         return register
+
+
+def _nothing(_: object) -> None:
+    return None
+
+
+def _nothing_to_do(_: object, __: Context) -> None:
+    return None
 
 
 def error_body(code: ErrorCode, exc: BaseException) -> ErrorBody:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 import msgspec
 
 from ..codec import Packet, encode
-from ..dispatch import HANDLERS, Dispatcher, service_error
+from ..dispatch import HANDLERS, REPEAT_TAG, Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
     CloseCode,
@@ -49,7 +49,11 @@ log = logging.getLogger("packetstack.client")
 _REPLY = int(Flag.REPLY)
 _RESENT = int(Flag.RESENT)
 _ACK = int(Flag.ACK)
+_ACK_OR_RESENT = int(Flag.ACK | Flag.RESENT)
 DEFAULT_OUTBOX_LIMIT = 10_000
+# ack=True deliveries remembered by (sender, id), so a copy the sender resent after a service
+# restart (under a new sequence number) is recognised.
+RECENT_ACKED = 65_536
 
 # Close codes after which reconnecting cannot help.
 _FINAL = {
@@ -115,6 +119,8 @@ class Client(Peer):
         self._epoch = ""  # the service store whose sequence numbers _delivered counts
         self._delivered = 0  # the highest sequence number taken for handling
         self.repeats_dropped = 0
+        self._recent: set[tuple[str, int]] = set()
+        self._recent_order: deque[tuple[str, int]] = deque()
         self._closing = False
         self._reconnector: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -370,6 +376,10 @@ class Client(Peer):
                         self._repeated(link)
                         continue
                     self._delivered = seq
+                    if header.flags & _ACK_OR_RESENT and self._seen(header):
+                        event = PacketReceived(
+                            msgspec.structs.replace(header, tag=REPEAT_TAG), b"", 0, seq
+                        )
                 enqueue(event)
             elif type(event) is AckReceived:
                 pending.resolve(event.id, None)
@@ -385,6 +395,19 @@ class Client(Peer):
                 self._refuse_handshake(event.code, event.reason)
         if len(dispatcher.queue) > queued:
             dispatcher.wake()  # once per read, not once per packet
+
+    def _seen(self, header: PacketHeader) -> bool:
+        """Whether this ack=True packet was taken before under another sequence number (the
+        sender resent it after the service lost track of it); remember it otherwise."""
+        key = (header.src, header.id)
+        if key in self._recent:
+            self.repeats_dropped += 1
+            return True
+        self._recent.add(key)
+        self._recent_order.append(key)
+        if len(self._recent_order) > RECENT_ACKED:
+            self._recent.discard(self._recent_order.popleft())
+        return False
 
     def _repeated(self, link: Link) -> None:
         """A delivery we took already (its ack was lost with a connection): drop it, and

@@ -198,6 +198,8 @@ class Mailboxes:
             log.info("%d packets wait in %d mailboxes", waiting, len(state["mailboxes"]))
 
     async def close(self) -> None:
+        if self.store.closed:
+            return
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

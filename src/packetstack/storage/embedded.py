@@ -85,6 +85,10 @@ class EmbeddedStore:
         self._thread.start()
         await ready
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def write(self, statements: list[Statement], done: Done | None = None) -> None:
         if self._closed:
             raise StoreError(f"the store {self.path} is closed")
