@@ -48,13 +48,18 @@ ClientFactory = Callable[..., Any]
 
 @pytest.fixture
 async def make_client(service: Service) -> AsyncIterator[ClientFactory]:
-    """``await make_client("name", **options)``: a connected client, closed after the test."""
+    """``await make_client("name", **options)``: a connected client, closed after the test.
+    With ``connect=False`` it is not connected yet: register handlers first (packets waiting
+    in its mailbox are delivered as soon as it connects), then ``await client.connect()``."""
     clients: list[Client] = []
 
-    async def make(name: str, url: str | None = None, **options: Any) -> Client:
+    async def make(
+        name: str, url: str | None = None, *, connect: bool = True, **options: Any
+    ) -> Client:
         client = Client(name, url or service.url, **options)
-        await client.connect()
         clients.append(client)
+        if connect:
+            await client.connect()
         return client
 
     yield make

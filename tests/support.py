@@ -6,6 +6,7 @@ this folder on ``sys.path`` before any test module is imported."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -20,7 +21,9 @@ from typing import TypeVar
 import msgspec
 import pytest
 
+from packetstack.codec import Packet
 from packetstack.errors import ProtocolError
+from packetstack.peer import Peer
 from packetstack.protocol import (
     CloseReceived,
     Connection,
@@ -257,6 +260,13 @@ def raw_frame(kind: int, header: bytes = b"\x90", payload: bytes = b"") -> bytes
     return struct.pack(">I", len(body)) + body
 
 
+def raw_deliver(seq: int, header: bytes = b"\x90", payload: bytes = b"") -> bytes:
+    """One DELIVER frame (kind 11), by the wire layout: ``length:u32 | kind:u8 |
+    header_length:u16 | seq:u64 | header | payload``."""
+    body = struct.pack(">BHQ", 11, len(header), seq) + header + payload
+    return struct.pack(">I", len(body)) + body
+
+
 def pack(obj: object) -> bytes:
     return msgspec.msgpack.encode(obj)
 
@@ -310,3 +320,123 @@ def header(pid: int = 1, **overrides: object) -> PacketHeader:
     }
     fields.update(overrides)
     return PacketHeader(**fields)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------- mailboxes and processes
+
+
+def service_env(**settings: object) -> dict[str, str]:
+    """A clean environment that configures a ``packetstack serve`` child through
+    PACKETSTACK_<SETTING> variables: ``ServiceProcess(port, dir, service_env(heartbeat=1))``."""
+    return clean_env(**{f"PACKETSTACK_{k.upper()}": str(v) for k, v in settings.items()})
+
+
+def read_records(path: Path) -> list[tuple[int, int]]:
+    """``(seq, n)`` pairs a receiving worker appended to ``path``, one ``"seq n"`` line
+    each (flushed per line); a missing file is an empty list, a torn last line is ignored."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.split("\n"):
+        parts = line.split()
+        if len(parts) == 2:
+            records.append((int(parts[0]), int(parts[1])))
+    return records
+
+
+def vm_rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (state T in /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+def assert_exactly_once_in_order(records: list[tuple[int, int]], count: int) -> None:
+    """``records`` of handled deliveries, ``(ctx.seq, n)``, hold every n in range(count)
+    exactly once and in order, with rising sequence numbers."""
+    numbers = [n for _, n in records]
+    repeated = len(numbers) - len(set(numbers))
+    assert repeated == 0, f"{repeated} packets handled more than once"
+    first_wrong = next((i for i, n in enumerate(numbers) if n != i), None)
+    assert numbers == list(range(count)), f"{len(numbers)} packets, first wrong at {first_wrong}"
+    seqs = [seq for seq, _ in records]
+    assert all(a < b for a, b in itertools.pairwise(seqs)), "sequence numbers do not rise"
+
+
+async def send_acked(
+    client: Peer, to: str, make: Callable[[int], Packet], numbers: range, window: int = 200
+) -> None:
+    """``client.send(to, make(n), ack=True)`` for each n, ``window`` sends at a time (each
+    returns once its packet is durably stored at the service or handled by ``to``)."""
+    for start in range(numbers.start, numbers.stop, window):
+        stop = min(start + window, numbers.stop)
+        await asyncio.gather(*(client.send(to, make(n), ack=True) for n in range(start, stop)))
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 to ``target_port``. ``swallow_replies = True`` drops what
+    the target sends back from then on (acks lost on the way, the connection still up);
+    ``cut()`` aborts every proxied connection (both sides see it break)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.swallow_replies = False
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"ps://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        self._writers += [writer, up_writer]
+        await asyncio.gather(
+            self._pipe(reader, up_writer, replies=False),
+            self._pipe(up_reader, writer, replies=True),
+        )
+
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, replies: bool
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                if replies and self.swallow_replies:
+                    continue
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sink.transport.abort()
+
+    def cut(self) -> None:
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any, ClassVar
 
 import pytest
+from support import eventually
 
-from packetstack import Client, Context, Packet, Service, UnknownDestination
+from packetstack import Client, Context, InvalidName, Packet, RequestTimeout, Service
 
 WAIT = 3.0
 
@@ -126,7 +128,7 @@ async def test_a_plain_send_to_an_unknown_ending_does_not_raise(make_client: Any
     b = await make_client("b")
     inbox = Inbox(b)
 
-    assert await a.send("nobody", Note("lost")) is None
+    assert isinstance(await a.send("nobody", Note("waits")), int)  # the packet's id
     await a.send("b", Note("still fine"))
     await inbox.wait_notes(1)
 
@@ -264,9 +266,22 @@ async def test_service_send_reaches_one_ending(make_client: Any, service: Servic
     assert inbox_b.notes == []
 
 
-async def test_service_send_to_an_unknown_ending_raises(service: Service) -> None:
-    with pytest.raises(UnknownDestination):
-        await service.send("nobody", Note("lost"))
+async def test_service_send_to_a_name_nobody_holds_waits_for_it_in_its_mailbox(
+    make_client: Any, service: Service
+) -> None:
+    await service.send("nobody", Note("kept"))
+    assert service.mailbox_depth("nobody") == 1
+    # Only a name no ending can have is refused.
+    with pytest.raises(InvalidName):
+        await service.send("$nobody", Note("never"))
+
+    nobody = await make_client("nobody", connect=False)
+    inbox = Inbox(nobody)
+    await nobody.connect()
+    await inbox.wait_notes(1)
+    await barrier(service, inbox)
+    assert inbox.notes == [("kept", "service", None, False)]
+    await eventually(lambda: service.mailbox_depth("nobody") == 0)
 
 
 async def test_service_publish_reaches_group_members_only(
@@ -306,5 +321,8 @@ async def test_service_request_to_an_ending(make_client: Any, service: Service) 
     reply = await service.request("a", Ask("status"), timeout=WAIT)
     assert reply == Answer("service asked status")
 
-    with pytest.raises(UnknownDestination):
-        await service.request("nobody", Ask("status"), timeout=WAIT)
+    # A request to an ending that never connects waits in its mailbox until it times out.
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        await service.request("nobody", Ask("status"), timeout=0.3)
+    assert 0.25 <= time.monotonic() - started < 2.0

@@ -15,6 +15,7 @@ from packetstack import (
     InvalidName,
     Packet,
     ProtocolError,
+    RequestTimeout,
     Service,
     UnknownDestination,
 )
@@ -219,12 +220,19 @@ async def test_long_valid_names_work_end_to_end(
     a.on(Ask)(lambda p, ctx: Answer(p.text, ctx.sender))
     assert await b.request(a_name, Ask("r"), timeout=WAIT) == Answer("r", b_name)
 
-    # A long, valid name nobody holds is a routing matter, not a name error.
+    # A long, valid name nobody holds is not a name error: packets wait in its mailbox
+    # (an acknowledged send returns once stored), a request times out, and the ending
+    # gets what waited when it connects under that name.
     absent = "z" * 200
-    with pytest.raises(UnknownDestination):
-        await a.send(absent, Note("nobody"), ack=True)
-    with pytest.raises(UnknownDestination):
-        await a.request(absent, Ask("nobody"), timeout=WAIT)
+    await a.send(absent, Note("waiting"), ack=True)
+    assert service.mailbox_depth(absent) == 1
+    with pytest.raises(RequestTimeout):
+        await a.request(absent, Ask("nobody"), timeout=0.2)
+
+    late = await make_client(absent, connect=False)
+    late.on(Note)(lambda p, ctx: heard.put_nowait((p.text, ctx.sender)))
+    await late.connect()
+    assert await asyncio.wait_for(heard.get(), WAIT) == ("waiting", a_name)
 
 
 async def test_a_long_valid_group_name_works(make_client: Any, service: Service) -> None:

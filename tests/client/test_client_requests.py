@@ -7,6 +7,7 @@ import time
 from typing import Any, ClassVar
 
 import pytest
+from support import eventually
 
 from packetstack import (
     Context,
@@ -178,30 +179,77 @@ async def test_the_client_default_request_timeout_applies(make_client: Any) -> N
     release.set()
 
 
-# ------------------------------------------------------ unknown destinations
+# ------------------------------------------------ absent and impossible endings
 
 
-async def test_a_request_to_an_unknown_ending_raises_unknown_destination(
+async def test_a_request_to_an_ending_that_never_connects_times_out_and_expires(
+    make_client: Any, service: Service
+) -> None:
+    a = await make_client("a")
+
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout) as caught:
+        await a.request("nobody", Ask("hello?"), timeout=0.3)
+
+    assert 0.25 <= time.monotonic() - started < 2.0  # after its timeout, not at once
+    assert "nobody" in str(caught.value)
+    # The request's time to live is its timeout: nobody finds it in the mailbox later.
+    await eventually(lambda: service.stats["mailbox_expired"] == 1)
+    assert service.mailbox_depth("nobody") == 0
+    assert service.stats["unknown_destination"] == 0
+
+
+async def test_a_request_waits_in_the_mailbox_and_is_answered_when_the_ending_connects(
+    make_client: Any, service: Service
+) -> None:
+    a = await make_client("a")
+    pending = asyncio.ensure_future(a.request("late", Ask("hello?"), timeout=WAIT))
+    await eventually(lambda: service.mailbox_depth("late") == 1)
+    assert not pending.done()
+
+    late = await make_client("late", connect=False)
+    late.on(Ask)(lambda p, ctx: Answer(f"{p.text} from {ctx.sender}"))
+    await late.connect()
+    assert await asyncio.wait_for(pending, WAIT) == Answer("hello? from a")
+
+
+async def test_a_request_to_an_impossible_name_raises_unknown_destination(
     make_client: Any, service: Service
 ) -> None:
     a = await make_client("a")
 
     started = time.monotonic()
     with pytest.raises(UnknownDestination) as caught:
-        await a.request("nobody", Ask("hello?"), timeout=WAIT)
+        await a.request("$nobody", Ask("hello?"), timeout=WAIT)
 
     assert time.monotonic() - started < 1.0  # at once, not after the timeout
     assert isinstance(caught.value, LookupError)
-    assert "nobody" in str(caught.value)
+    assert "$nobody" in str(caught.value)
     assert service.stats["unknown_destination"] == 1
 
 
-async def test_an_acknowledged_send_to_an_unknown_ending_raises(make_client: Any) -> None:
+async def test_an_acknowledged_send_to_an_absent_ending_returns_once_stored(
+    make_client: Any, service: Service
+) -> None:
     a = await make_client("a")
 
+    sent = await asyncio.wait_for(a.send("nobody", Ask("hello?"), ack=True), WAIT)
+    assert isinstance(sent, int)  # the packet's id
+    assert service.mailbox_depth("nobody") == 1
+    assert service.stats["mailbox_stored"] == 1
     with pytest.raises(UnknownDestination):
-        await asyncio.wait_for(a.send("nobody", Ask("hello?"), ack=True), WAIT)
+        await asyncio.wait_for(a.send("$nobody", Ask("hello?"), ack=True), WAIT)
     assert a.connected
+
+    got = asyncio.Queue[tuple[str, str]]()
+    nobody = await make_client("nobody", connect=False)
+
+    @nobody.on(Ask)
+    async def ask(packet: Ask, ctx: Context) -> None:
+        got.put_nowait((packet.text, ctx.sender))
+
+    await nobody.connect()
+    assert await asyncio.wait_for(got.get(), WAIT) == ("hello?", "a")
 
 
 async def test_an_acknowledged_send_to_a_present_ending_succeeds(make_client: Any) -> None:
@@ -213,7 +261,7 @@ async def test_an_acknowledged_send_to_a_present_ending_succeeds(make_client: An
     async def ask(packet: Ask, ctx: Context) -> None:
         got.put_nowait((packet.text, ctx.sender))
 
-    assert await asyncio.wait_for(a.send("b", Ask("acked"), ack=True), WAIT) is None
+    assert isinstance(await asyncio.wait_for(a.send("b", Ask("acked"), ack=True), WAIT), int)
     assert await asyncio.wait_for(got.get(), WAIT) == ("acked", "a")
 
 

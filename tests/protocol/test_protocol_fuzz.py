@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import pair, service_conn, welcome
+from support import pair, raw_deliver, service_conn, welcome
 from support import raw_frame as frame
 
 from packetstack.errors import CloseCode, ProtocolError
@@ -33,6 +33,7 @@ from packetstack.protocol import (
     State,
     Target,
     WelcomeReceived,
+    packet_frame,
 )
 
 MAX_FRAME = 4096
@@ -144,10 +145,11 @@ header_like = st.one_of(
         st.text(max_size=4),
         st.text(max_size=4),
         st.text(max_size=4),
-        st.sampled_from([0, 1, 2, 8, 16, 17, 31]),
+        st.sampled_from([0, 1, 2, 8, 16, 17, 31, 32, 64, 127]),
         small_ints,
         st.integers(-5, 5000),
         small_ints,
+        st.integers(-1, 2**32),  # ttl
     ).map(list),
     st.tuples(small_ints).map(list),  # CHUNK, ACK
     st.tuples(small_ints, small_ints, st.text(max_size=8)).map(list),  # ERROR
@@ -173,11 +175,15 @@ header_like = st.one_of(
 
 @st.composite
 def plausible_frames(draw: st.DrawFn) -> bytes:
-    """A frame with a random kind and msgpack header, sometimes with a lying prefix."""
+    """A frame with a random kind and msgpack header, sometimes with a lying prefix; a
+    third of them DELIVER frames (kind 11), laid out with their u64 seq."""
     kind = draw(st.integers(0, 12))
     header = msgspec.msgpack.encode(draw(header_like))
     payload = draw(st.binary(max_size=40))
-    data = frame(kind, header, payload)
+    if draw(st.integers(0, 2)) == 0:
+        data = raw_deliver(draw(st.integers(0, 2**64 - 1)), header, payload)
+    else:
+        data = frame(kind, header, payload)
     lie = draw(st.sampled_from(["none", "none", "none", "length", "hlen"]))
     if lie == "length":
         data = struct.pack(">I", draw(st.integers(0, 2**32 - 1))) + data[4:]
@@ -196,6 +202,21 @@ fuzz_bytes = st.one_of(
 
 
 # ------------------------------------------------------ (1) parse or raise
+
+
+@FUZZ
+@given(
+    kind=st.sampled_from(["client-new", "client-open"]),
+    frames=st.lists(plausible_frames(), min_size=1, max_size=8),
+    tail=st.binary(max_size=30),
+    splits=SPLITS,
+)
+def test_a_client_parses_or_refuses_deliver_frames_and_nothing_else(
+    kind: str, frames: list[bytes], tail: bytes, splits: list[int] | int
+) -> None:
+    """Random frames, a third of them DELIVER (kind 11), fed to a client-role connection."""
+    conn = receiver(kind)
+    feed_checked(conn, pieces(b"".join(frames) + tail, splits))
 
 
 @FUZZ
@@ -329,14 +350,69 @@ def test_packets_round_trip_for_any_split(
     assert [e.header.id for e in received if e.frame is not None] == small  # type: ignore[union-attr]
 
 
+@FUZZ
+@given(
+    items=st.lists(st.tuples(headers, payloads), min_size=1, max_size=6),
+    first_seq=st.integers(1, 2**63),
+    budgets=st.lists(st.integers(0, 3 * CHUNK_SIZE), max_size=6),
+    drain_budget=st.integers(1, 4 * CHUNK_SIZE),
+    splits=SPLITS,
+)
+def test_deliveries_arrive_whole_and_in_seq_order_for_any_split(
+    items: list[tuple[PacketHeader, bytes]],
+    first_seq: int,
+    budgets: list[int],
+    drain_budget: int,
+    splits: list[int] | int,
+) -> None:
+    """The service delivers packets with rising seqs, large ones chunked and interleaved
+    with small ones: the client hands every one up once, in seq order, with its seq."""
+    sender, recv = new_service(), Connection(Role.CLIENT)
+    stream = bytearray(sender.welcome_frame(WELCOME))
+    for i, (hdr, payload) in enumerate(items):
+        sender.append_delivery(stream, first_seq + i, packet_frame(hdr, payload))
+        if i < len(budgets):
+            stream += b"".join(sender.next_chunks(budgets[i]))
+    while sender.has_chunks:
+        stream += b"".join(sender.next_chunks(drain_budget))
+    stream += sender.ping_frame()
+
+    events: list[Event] = []
+    for piece in pieces(bytes(stream), splits):
+        events += recv.receive_data(piece)
+
+    assert events[0] == WelcomeReceived(WELCOME)
+    assert events[-1] == PingReceived()
+    received = events[1:-1]
+    assert all(isinstance(e, PacketReceived) for e in received)
+    assert [e.seq for e in received] == [  # type: ignore[union-attr]
+        first_seq + i for i in range(len(items))
+    ]
+    for got, (hdr, payload) in zip(received, items, strict=True):
+        assert isinstance(got, PacketReceived)
+        assert bytes(got.payload) == payload
+        assert (got.header.id, got.header.dst, got.header.tag, got.header.corr) == (
+            hdr.id,
+            hdr.dst,
+            hdr.tag,
+            hdr.corr,
+        )
+        assert got.header.flags & ~Flag.CHUNKED == hdr.flags
+
+
 # ------------------------------------------------------ (3) corruption
 
 
 def valid_stream(direction: str, rng: random.Random) -> tuple[Connection, bytes]:
     """A receiver and a stream of well-formed frames of every kind it may receive."""
+    deliveries = bytearray()
     if direction == "service->client":
         sender, recv = new_service(), Connection(Role.CLIENT)
         parts = [sender.welcome_frame(WELCOME)]
+        # DELIVER frames: a small one, and a large one announced here, chunked below.
+        for seq, size in ((1, rng.randrange(0, 200)), (2, rng.randrange(CHUNK_SIZE + 1, 3000))):
+            packet = PacketHeader(10 + seq, int(Target.ENDING), "alpha", "beta", "d", ttl=seq)
+            sender.append_delivery(deliveries, seq, packet_frame(packet, rng.randbytes(size)))
     else:
         sender, recv = handshake()
         parts = [sender.group_frame(1, "room", True), sender.group_frame(2, "room", False)]
@@ -352,6 +428,7 @@ def valid_stream(direction: str, rng: random.Random) -> tuple[Connection, bytes]
             PacketHeader(6, int(Target.GROUP), "room", "alpha", "big"),
             rng.randbytes(rng.randrange(CHUNK_SIZE + 1, 3 * CHUNK_SIZE)),
         ),
+        bytes(deliveries),
     ]
     while sender.has_chunks:
         parts += sender.next_chunks(CHUNK_SIZE)
@@ -414,4 +491,6 @@ def test_uncorrupted_valid_stream_parses_cleanly() -> None:
             events: list[Any] = recv.receive_data(stream)
             kinds = {type(e) for e in events}
             assert {PingReceived, AckReceived, ErrorReceived, PacketReceived} <= kinds
-            assert sum(isinstance(e, PacketReceived) for e in events) == 2
+            delivered = [e.seq for e in events if isinstance(e, PacketReceived) and e.seq]
+            assert delivered == ([1, 2] if direction == "service->client" else [])
+            assert sum(isinstance(e, PacketReceived) for e in events) == 2 + len(delivered)

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from support import RawPeer, close_raw, open_raw, spawn_script, wait_until
 
-from packetstack import Client, Context, Packet, Service, UnknownDestination
+from packetstack import Client, Context, Packet, RequestTimeout, Service
 from packetstack.errors import CloseCode
 from packetstack.protocol import (
     CloseReceived,
@@ -73,6 +73,7 @@ WORKER = textwrap.dedent(
 
         @client.on(SfWork)
         async def work(packet: SfWork, ctx: Context) -> SfDone:
+            print("work", packet.n, flush=True)
             return SfDone(packet.n * 2, os.getpid())
 
         await client.connect()
@@ -107,6 +108,11 @@ def spawn_worker(
     return spawn_script(tmp_path, WORKER, [url, name], processes)
 
 
+def worker_log(tmp_path: Path, index: int) -> str:
+    """What the ``index``-th worker process spawned by this test printed."""
+    return (tmp_path / f"worker-{index}.log").read_text(errors="replace")
+
+
 async def wait_worker(service: Service, boss: Client, proc: subprocess.Popen[bytes]) -> None:
     """Until the worker process ``proc`` answers as "worker" and is in its group."""
     await wait_until(
@@ -124,7 +130,7 @@ async def wait_worker(service: Service, boss: Client, proc: subprocess.Popen[byt
 # ------------------------------------------------------ killed endings
 
 
-async def test_killed_worker_process_is_dropped_and_a_restarted_one_is_reachable(
+async def test_killed_worker_is_dropped_and_its_restart_gets_what_waited_in_its_mailbox(
     fault_service: Service, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     service = fault_service
@@ -143,17 +149,30 @@ async def test_killed_worker_process_is_dropped_and_a_restarted_one_is_reachable
             lambda: "worker" not in service.endings, 2.0, "the killed worker's session to go"
         )
         assert took < 1.0, took
-        assert "workers" not in service.groups
-        with pytest.raises(UnknownDestination):
-            await boss.request("worker", SfWork(2), timeout=5)
-        with pytest.raises(UnknownDestination):
-            await boss.send("worker", SfWork(3), ack=True)
-        assert service.stats["unknown_destination"] >= 2
+        # Group membership belongs to the name: it outlives the process.
+        assert service.group_members("workers") == ["worker"]
+        # A request to the dead worker times out, and expires from its mailbox with it.
+        with pytest.raises(RequestTimeout):
+            await boss.request("worker", SfWork(2), timeout=0.3)
+        await wait_until(lambda: service.stats["mailbox_expired"] == 1, 5, "the request to expire")
+        # An acknowledged send returns once stored in the mailbox.
+        await asyncio.wait_for(boss.send("worker", SfWork(3), ack=True), 5)
+        assert service.mailbox_depth("worker") >= 1
+        assert service.stats["unknown_destination"] == 0
 
         second = spawn_worker(tmp_path, service.url, processes)
         await asyncio.wait_for(wait_worker(service, boss, second), 25)
         assert await boss.request("worker", SfWork(5), timeout=5) == SfDone(10, second.pid)
         assert service.stats["replaced"] == 0
+        await wait_until(
+            lambda: service.mailbox_depth("worker") == 0, 5, "the mailbox to be handled"
+        )
+        # The restarted process handled the stored send first, never the expired request.
+        handled = [
+            line for line in worker_log(tmp_path, 1).splitlines() if line.startswith("work ")
+        ]
+        assert handled[0] == "work 3"
+        assert "work 2" not in handled
     finally:
         await boss.close()
 

@@ -129,7 +129,7 @@ async def test_an_invalid_group_name_is_refused(make_client: Any, group: str) ->
 # --------------------------------------------------------------- replacement
 
 
-async def test_a_second_connection_under_a_name_replaces_the_first(
+async def test_a_second_connection_under_a_name_replaces_the_first_and_keeps_its_groups(
     service: Service, make_client: Any
 ) -> None:
     old = await make_client("x", backoff_initial=0.01, backoff_max=0.05)
@@ -154,15 +154,21 @@ async def test_a_second_connection_under_a_name_replaces_the_first(
     assert service.endings["x"] is not old_session
     assert service.endings["x"].link is not old_session.link
     assert old_session.link.closed
-    # The replaced session's group membership went with it.
-    assert service.group_members("room") == []
+    # Group membership belongs to the name, not the session: the new session has it.
+    assert service.group_members("room") == ["x"]
 
-    # The new session is the one that works: packets to "x" reach it.
+    # The new session is the one that works: packets to "x", and to its groups, reach it.
     other = await make_client("other")
     new.on(Ping)(lambda p, ctx: Pong(p.n, "new"))
     old.on(Ping)(lambda p, ctx: Pong(p.n, "old"))
     reply = await other.request("x", Ping(5), timeout=WAIT)
     assert reply == Pong(5, "new")
+    published: list[tuple[str, int, str | None]] = []
+    new.on(Pong)(lambda p, ctx: published.append(("new", p.n, ctx.group)))
+    old.on(Pong)(lambda p, ctx: published.append(("old", p.n, ctx.group)))
+    await other.publish("room", Pong(6, "other"), ack=True)
+    await eventually(lambda: bool(published))
+    assert published == [("new", 6, "room")]
 
     # The old one does not reconnect (it would replace the new one in turn).
     await asyncio.sleep(0.5)

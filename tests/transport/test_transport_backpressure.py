@@ -1,18 +1,20 @@
-"""Backpressure end to end: an ending that stops reading must hold back its fast sender
-through TCP, not make the service buffer without bound; traffic between other endings goes
-on meanwhile, and nothing is lost once the slow ending reads again."""
+"""A slow reader end to end: an ending that stops reading does not hold back its fast
+sender; what it cannot take spills into its mailbox, so the service's memory stays bounded,
+traffic between other endings goes on meanwhile, and every packet arrives, in order, once
+the slow ending reads again."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
 import msgspec
 import pytest
-from support import RawPeer, close_raw, open_raw
+from support import RawPeer, close_raw, open_raw, wait_until
 
 from packetstack import Client, Context, Packet, Service
 from packetstack.errors import ProtocolError
@@ -31,8 +33,9 @@ PAD = "x" * 48
 MiB = 1024 * 1024
 HIGH_WATER = 1 * MiB
 LOW_WATER = 256 * 1024
-# Service memory allowed for the slow session: its high water mark plus one read's worth of
-# forwarded frames plus slack. Buffering the whole flood would be ~17 MB.
+# Service memory allowed for the slow session (link buffers and in-flight window): its high
+# water mark plus one read's worth of forwarded frames plus slack. Buffering the whole flood
+# would be ~17 MB (twice that with the in-flight window).
 BOUND = HIGH_WATER + 3 * MiB
 
 
@@ -56,12 +59,14 @@ _flood_decoder = msgspec.msgpack.Decoder(BpFlood)
 
 
 class FloodPeer(RawPeer):
-    """A raw ending that keeps only the sequence numbers of the BpFlood packets it reads."""
+    """A raw ending that keeps only the sequence numbers of the BpFlood packets it reads,
+    and acknowledges every delivery it read (as a client does once its handlers ran)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.flood_seqs: list[int] = []
         self.bytes_read = 0
+        self.delivered = 0  # the highest delivery sequence number read
 
     def data_received(self, data: bytes) -> None:
         self.bytes_read += len(data)
@@ -70,11 +75,17 @@ class FloodPeer(RawPeer):
         except ProtocolError as exc:
             self.parse_error = exc
             return
+        delivered = self.delivered
         for event in events:
             if type(event) is PacketReceived and event.header.tag == BpFlood.packet_tag:
                 self.flood_seqs.append(_flood_decoder.decode(event.payload).seq)
             else:
                 self.events.append(event)
+            if type(event) is PacketReceived and event.seq:
+                assert event.seq > self.delivered, "deliveries out of sequence"
+                self.delivered = event.seq
+        if self.delivered > delivered:
+            self.send(self.parser.ack_frame(self.delivered))
         self.changed.set()
 
 
@@ -97,6 +108,20 @@ def session_buffered(service: Service, name: str) -> int:
     return size
 
 
+def inflight_bytes(service: Service, name: str) -> int:
+    """Bytes of the packets sent to ``name`` and not yet acknowledged, which the service
+    keeps in memory to redeliver: what the link buffers hold and what the socket took."""
+    ending = service.mailboxes.endings.get(name)
+    return 0 if ending is None else sum(len(frame) for _, frame, _, _ in ending.inflight)
+
+
+def send_buffer(service: Service, name: str) -> int:
+    """The kernel's send buffer size of ``name``'s socket at the service."""
+    transport = service.endings[name].link.transport
+    assert transport is not None
+    return int(transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
 @pytest.fixture
 async def bp_service(tmp_path: Path) -> AsyncIterator[Service]:
     async with Service(
@@ -109,18 +134,6 @@ async def bp_service(tmp_path: Path) -> AsyncIterator[Service]:
         low_water=LOW_WATER,
     ) as running:
         yield running
-
-
-async def _stall(progress, timeout: float, quiet: float = 1.0) -> None:  # type: ignore[no-untyped-def]
-    """Wait until ``progress()`` has not changed for ``quiet`` seconds."""
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        last, since = progress(), loop.time()
-        while loop.time() - since < quiet:
-            await asyncio.sleep(0.05)
-            now = progress()
-            if now != last:
-                last, since = now, loop.time()
 
 
 async def _pinger(peer: FloodPeer, interval: float) -> None:
@@ -146,20 +159,20 @@ async def _flood(client: Client, counter: list[int]) -> None:
         counter[0] += 1
 
 
-async def test_slow_reader_blocks_fast_sender_with_bounded_service_memory(
+async def test_a_slow_reader_spills_to_its_mailbox_and_never_holds_back_its_sender(
     bp_service: Service,
 ) -> None:
     service = bp_service
     slow = await raw_ending(service.port, "slow", rcvbuf=4096)
     assert slow.transport is not None
-    slow.transport.pause_reading()  # from now on "slow" never reads
+    slow.transport.pause_reading()  # from now on "slow" reads nothing until resumed
     pinger = asyncio.create_task(_pinger(slow, 0.5))
 
     fast = Client("fast", service.url, reconnect=False)
     c1 = Client("c1", service.url, reconnect=False)
     c2 = Client("c2", service.url, reconnect=False)
     sent = [0]
-    peak = 0
+    peak = peak_inflight = 0
     flood_task: asyncio.Task[None] | None = None
     try:
         await fast.connect()
@@ -181,49 +194,48 @@ async def test_slow_reader_blocks_fast_sender_with_bounded_service_memory(
         stop_sampling = asyncio.Event()
 
         async def sample() -> None:
-            nonlocal peak
+            nonlocal peak, peak_inflight
             while not stop_sampling.is_set():
                 peak = max(peak, session_buffered(service, "slow"))
+                peak_inflight = max(peak_inflight, inflight_bytes(service, "slow"))
                 await asyncio.sleep(0.002)
 
         sampler = asyncio.create_task(sample())
         try:
-            # The flood makes progress, then stops: the sender is held back.
-            await _stall(lambda: sent[0], timeout=30, quiet=1.5)
+            # The whole flood goes out although "slow" reads nothing: the sender is not
+            # held back, and the service stores what "slow" cannot take.
+            await wait_until(lambda: service.mailbox_depth("slow") == FLOOD, 60, "the flood")
         finally:
             stop_sampling.set()
             await sampler
+        await asyncio.wait_for(flood_task, 5)
 
-        assert not flood_task.done(), (
-            f"the flood of {FLOOD} packets completed while 'slow' read nothing: the service "
-            f"buffered it (peak {peak} bytes for the slow session)"
-        )
-        assert 0 < sent[0] < FLOOD
+        assert sent[0] == FLOOD
+        assert not slow.flood_seqs
         assert peak <= BOUND, f"service held {peak} bytes for 'slow', bound is {BOUND}"
         assert session_buffered(service, "slow") <= BOUND
-        assert service.stats["backpressure_pauses"] >= 1
-        # The fast sender is blocked in send(), still connected, not disconnected.
+        # The in-flight window is what the link and the socket took: the rest was stored.
+        window = BOUND + send_buffer(service, "slow")
+        assert peak_inflight <= window, f"{peak_inflight} bytes in flight, bound is {window}"
+        assert service.stats["mailbox_spills"] >= 1
+        assert service.stats["mailbox_stored"] >= FLOOD // 2
+        # Both ends are still connected.
         assert fast.connected
         assert "fast" in service.endings and "slow" in service.endings
 
-        # Unrelated endings still talk while the flood is blocked.
+        # Unrelated endings still talk while "slow" reads nothing.
         for n in range(200):
             await c1.send("c2", BpChat(n))
-        async with asyncio.timeout(5):
-            while len(chats) < 200:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: len(chats) >= 200, 5, "the chat")
         assert chats == list(range(200))
         assert await c1.request("c2", BpAsk(21), timeout=5) == BpAsk(42)
-        assert not flood_task.done(), "the flood finished although 'slow' still reads nothing"
 
-        # Now "slow" reads: everything arrives, in order, and the flood completes.
+        # Now "slow" reads: everything arrives, once and in order, and is acknowledged.
         slow.transport.resume_reading()
-        await asyncio.wait_for(flood_task, 60)
-        await slow.wait_for(lambda: len(slow.flood_seqs) >= FLOOD, timeout=30)
+        await slow.wait_for(lambda: len(slow.flood_seqs) >= FLOOD, timeout=60)
         assert slow.parse_error is None
-        assert len(slow.flood_seqs) == FLOOD
         assert slow.flood_seqs == list(range(FLOOD))
-        assert sent[0] == FLOOD
+        await wait_until(lambda: service.mailbox_depth("slow") == 0, 10, "the acknowledgements")
         assert fast.connected and not slow.lost.done()
     finally:
         await _cancel(flood_task)
@@ -233,12 +245,12 @@ async def test_slow_reader_blocks_fast_sender_with_bounded_service_memory(
         close_raw(slow)
 
 
-async def test_fast_sender_is_not_disconnected_while_held_longer_than_heartbeat_timeout(
+async def test_a_reader_stalled_longer_than_the_heartbeat_timeout_costs_nobody_the_link(
     tmp_path: Path,
 ) -> None:
-    """The service pauses reading from the fast sender itself (backpressure). That pause
-    must not count as the sender going silent: a consumer that stalls for longer than the
-    heartbeat timeout must not get its producer disconnected with HEARTBEAT_TIMEOUT."""
+    """A consumer that stalls for longer than the heartbeat timeout (but keeps pinging) is
+    kept, its producer is never held and stays connected, and the consumer gets the whole
+    flood once it reads again."""
     async with Service(
         "127.0.0.1",
         0,
@@ -258,19 +270,19 @@ async def test_fast_sender_is_not_disconnected_while_held_longer_than_heartbeat_
         try:
             await fast.connect()
             flood_task = asyncio.create_task(_flood(fast, sent))
-            await _stall(lambda: sent[0], timeout=30, quiet=0.5)
-            assert not flood_task.done()
-            # Held for three heartbeat timeouts.
+            await asyncio.wait_for(flood_task, 60)  # never held back
+            assert sent[0] == FLOOD
+            # Stalled for three heartbeat timeouts.
             await asyncio.sleep(3.0)
             assert "slow" in service.endings, "'slow' kept pinging but was dropped"
             assert fast.connected, (
-                "the fast sender was disconnected while the service itself had paused "
-                f"reading from it (stats: {dict(service.stats)})"
+                f"the fast sender was disconnected (stats: {dict(service.stats)})"
             )
+            assert service.stats["mailbox_spills"] >= 1
             slow.transport.resume_reading()
-            await asyncio.wait_for(flood_task, 60)
-            await slow.wait_for(lambda: len(slow.flood_seqs) >= FLOOD, timeout=30)
+            await slow.wait_for(lambda: len(slow.flood_seqs) >= FLOOD, timeout=60)
             assert slow.flood_seqs == list(range(FLOOD))
+            assert fast.connected
         finally:
             await _cancel(flood_task)
             await _cancel(pinger)
@@ -278,10 +290,15 @@ async def test_fast_sender_is_not_disconnected_while_held_longer_than_heartbeat_
             close_raw(slow)
 
 
-async def test_held_sender_that_dies_is_still_dropped(tmp_path: Path) -> None:
-    """While the service holds reading from a sender, it cannot see that sender's EOF; a
-    sender that dies meanwhile must still be dropped in bounded time (not leak until the
-    slow ending drains)."""
+RAW_FLOOD = 50_000
+
+
+async def test_a_sender_flooding_a_stalled_reader_is_read_on_and_dropped_at_once_when_it_dies(
+    tmp_path: Path,
+) -> None:
+    """The service keeps reading a sender whose destination stalls (what it cannot pass on
+    goes to the mailbox), so it sees at once when that sender dies; the packets it took
+    before are delivered, in order, when the reader resumes."""
     async with Service(
         "127.0.0.1",
         0,
@@ -298,29 +315,37 @@ async def test_held_sender_that_dies_is_still_dropped(tmp_path: Path) -> None:
         fast = await raw_ending(service.port, "fast")
         assert fast.transport is not None
         try:
-            payload = msgspec.msgpack.encode(BpFlood(0, PAD))
             seq = 0
-            # Flood until the service stops reading us and our own buffer backs up.
             async with asyncio.timeout(30):
-                while fast.transport.get_write_buffer_size() < 2 * MiB:
+                while seq < RAW_FLOOD:
                     for _ in range(500):
+                        payload = msgspec.msgpack.encode(BpFlood(seq, PAD))
                         seq += 1
                         header = PacketHeader(
                             seq, int(Target.ENDING), "slow", "fast", BpFlood.packet_tag
                         )
                         fast.send(fast.parser.send_packet(header, payload))
                     await asyncio.sleep(0)
-            assert service.stats["backpressure_pauses"] >= 1
+            # The service read the whole flood: nothing waits in our socket buffer.
+            await wait_until(
+                lambda: service.mailbox_depth("slow") == RAW_FLOOD, 30, "the raw flood"
+            )
+            await wait_until(
+                lambda: fast.transport is not None and fast.transport.get_write_buffer_size() == 0,
+                5,
+                "the sender's buffer to drain",
+            )
+            assert service.stats["mailbox_spills"] >= 1
             assert "fast" in service.endings
 
-            fast.transport.abort()  # the sender dies while held
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            async with asyncio.timeout(10):
-                while "fast" in service.endings:
-                    await asyncio.sleep(0.02)
-            assert loop.time() - start < 5.0
+            fast.transport.abort()  # the sender dies
+            took = await wait_until(lambda: "fast" not in service.endings, 5, "'fast' to go")
+            assert took < 1.0, took
             assert "slow" in service.endings
+
+            slow.transport.resume_reading()
+            await slow.wait_for(lambda: len(slow.flood_seqs) >= RAW_FLOOD, timeout=30)
+            assert slow.flood_seqs == list(range(RAW_FLOOD))
         finally:
             await _cancel(pinger)
             for peer in (slow, fast):

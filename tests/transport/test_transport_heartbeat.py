@@ -23,7 +23,7 @@ from support import (
     wait_until,
 )
 
-from packetstack import Client, Packet, Service, UnknownDestination
+from packetstack import Client, Packet, Service
 from packetstack.errors import CloseCode
 from packetstack.protocol import (
     CloseReceived,
@@ -223,7 +223,7 @@ def spawn_worker(
     return spawn_script(tmp_path, WORKER, [url, name], processes)
 
 
-async def test_frozen_client_process_is_declared_gone_then_rejoins_when_resumed(
+async def test_frozen_client_process_is_declared_gone_then_rejoins_and_gets_its_mailbox(
     hb_service: Service, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     service = hb_service
@@ -239,12 +239,19 @@ async def test_frozen_client_process_is_declared_gone_then_rejoins_when_resumed(
             lambda: "worker" not in service.endings, 3.0, "the frozen worker to be dropped"
         )
         assert took <= HEARTBEAT_TIMEOUT + 1.0, took
-        with pytest.raises(UnknownDestination):
-            await boss.request("worker", HbWork(3), timeout=5)
+        # Declared gone, it still has a mailbox: a request waits there meanwhile.
+        before = service.mailbox_depth("worker")
+        waiting = asyncio.ensure_future(boss.request("worker", HbWork(3), timeout=10))
+        await wait_until(
+            lambda: service.mailbox_depth("worker") == before + 1, 5, "the request to be stored"
+        )
+        assert not waiting.done()
 
-        # Thawed, it reads the CLOSE, reconnects by itself and answers again.
+        # Thawed, it reads the CLOSE, reconnects by itself, answers the request that waited
+        # for it and answers again.
         os.kill(worker.pid, signal.SIGCONT)
         await wait_until(lambda: "worker" in service.endings, 10, "the thawed worker")
+        assert await asyncio.wait_for(waiting, 10) == HbDone(6, worker.pid)
         assert await boss.request("worker", HbWork(5), timeout=5) == HbDone(10, worker.pid)
     finally:
         await boss.close()

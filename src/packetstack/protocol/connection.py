@@ -176,6 +176,7 @@ class Connection:
         self._out_streams: deque[_OutStream] = deque()
         # Large packets waiting for a free stream (the peer accepts MAX_OPEN_STREAMS).
         self._queued_streams: deque[_Queued] = deque()
+        self._queued_deliveries = 0  # of them, deliveries (seq > 0)
         self._next_stream = 1
         # Deliveries are handed up in sequence order: while a chunked one is arriving,
         # later whole ones wait here (sequence numbers of the open chunked ones).
@@ -466,6 +467,8 @@ class Connection:
     def _stream(self, header: PacketHeader, payload: bytes | memoryview, seq: int) -> bytes:
         if len(self._out_streams) >= MAX_OPEN_STREAMS:
             self._queued_streams.append((header, payload, seq))
+            if seq:
+                self._queued_deliveries += 1
             return b""
         return self._announce(header, payload, seq)
 
@@ -474,7 +477,9 @@ class Connection:
         (as received, or from ``packet_frame``). A small one is re-prefixed, not re-encoded:
         the header and payload bytes are the sender's."""
         length, _, hlen = PREFIX.unpack_from(packet)
-        if length - KIND_AND_HLEN - hlen <= self.chunk_size:
+        # While a delivery waits for a free stream, later ones queue behind it: sent inline
+        # they would reach the client first, out of sequence.
+        if length - KIND_AND_HLEN - hlen <= self.chunk_size and not self._queued_deliveries:
             out += DELIVER_PREFIX.pack(length + _SEQ_SIZE, _DELIVER, hlen, seq)
             out += memoryview(packet)[PREFIX_SIZE:]
             return
@@ -538,5 +543,8 @@ class Connection:
             if end < len(stream.payload):
                 streams.append(stream)
             elif self._queued_streams:
-                frames.append(self._announce(*self._queued_streams.popleft()))
+                header, payload, seq = self._queued_streams.popleft()
+                if seq:
+                    self._queued_deliveries -= 1
+                frames.append(self._announce(header, payload, seq))
         return frames
