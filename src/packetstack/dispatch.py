@@ -195,14 +195,15 @@ class Dispatcher:
                 if seq - reported >= PROGRESS_EVERY:
                     reported = self._report(seq)
                 event = queue.popleft()
-                seq = event.seq or seq  # read before the handler runs; done after it
+                delivery = event.seq
+                seq = delivery or seq  # read before the handler runs; done after it
                 header = event.header
                 entry = entries.get(header.tag)
                 if entry is None:
                     self._unhandled(header)
                     continue
                 decode, handler, is_async = entry
-                ctx = Context(header, event.seq)
+                ctx = Context(header, delivery)
                 try:
                     packet = decode(memoryview(event.data)[event.offset :])
                 except DECODE_ERRORS as exc:

@@ -196,11 +196,14 @@ class Client(Peer):
         self._connected.set()
         log.info("%s connected to %s", self.name, self.endpoint)
 
-    def _resume_deliveries(self, link: Link, welcome: Welcome) -> None:
+    def _adopt(self, welcome: Welcome) -> None:
+        """Before any delivery that came with this WELCOME is looked at: sequence numbers
+        of a store we have not seen (or a fresh one) count from what that store knows."""
         if welcome.epoch != self._epoch:
-            # A service store we have not seen (or a fresh one): count from what it knows.
             self._epoch = welcome.epoch
             self._delivered = welcome.acked
+
+    def _resume_deliveries(self, link: Link, welcome: Welcome) -> None:
         done = self._dispatcher.done_seq
         if welcome.acked < done <= self._delivered:
             link.write(link.connection.ack_frame(done))  # acks the old connection lost
@@ -388,6 +391,7 @@ class Client(Peer):
                     log.warning("service reported on packet %d: %s", event.ref, event.message)
             elif type(event) is WelcomeReceived:
                 if self._handshake is not None and not self._handshake.done():
+                    self._adopt(event.welcome)
                     self._handshake.set_result(event.welcome)
             elif type(event) is CloseReceived:
                 link.close_code = _close_code(event.code)
