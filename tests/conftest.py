@@ -10,7 +10,7 @@ import signal
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,37 @@ def require_server(name: str, host: str, port: int) -> None:
         pytest.skip(message)
 
 
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Service]:
+async def make_service(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
+    """``await make_service(**options)``: a started service on 127.0.0.1 and a free port,
+    its data in tmp_path/"data", with short heartbeats (0.5 s, timeout 2 s) unless
+    ``options`` say otherwise; closed after the test (a test may close it itself first)."""
+    services: list[Service] = []
+
+    async def make(**options: Any) -> Service:
+        options = {
+            "data_dir": tmp_path / "data",
+            "heartbeat": 0.5,
+            "heartbeat_timeout": 2.0,
+            **options,
+        }
+        running = Service("127.0.0.1", 0, **options)
+        await running.start()
+        services.append(running)
+        return running
+
+    yield make
+    for running in services:
+        await running.close()
+
+
+@pytest.fixture
+async def service(make_service: ServiceFactory) -> Service:
     """A service on 127.0.0.1 and a free port, with short heartbeats."""
-    async with Service(
-        "127.0.0.1", 0, data_dir=tmp_path / "data", heartbeat=0.5, heartbeat_timeout=2.0
-    ) as running:
-        yield running
+    return await make_service()
 
 
 ClientFactory = Callable[..., Any]

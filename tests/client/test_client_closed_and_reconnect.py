@@ -53,6 +53,43 @@ def new_client(name: str, url: str, **options: Any) -> Client:
     return Client(name, url, **options)
 
 
+async def start_with_a_and_b(tmp_path: Path) -> tuple[Service, Client, Client]:
+    """A started service and the clients "a" and "b", connected to it."""
+    service = new_service(tmp_path)
+    await service.start()
+    a = new_client("a", service.url)
+    b = new_client("b", service.url)
+    await a.connect()
+    await b.connect()
+    return service, a, b
+
+
+async def restart(service: Service, *clients: Client) -> None:
+    """Start ``service`` and wait until each of ``clients`` has reconnected to it."""
+    await service.start()
+    for client in clients:
+        await client.wait_connected(WAIT)
+
+
+def hold_asks(
+    client: Client, answer: str, only: str | None = None
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``client`` answer each Ask with ``answer`` + its text, holding every Ask (or only
+    one whose text is ``only``) until the second event returned is set; the first is set
+    once an Ask is held."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @client.on(Ask)
+    async def ask(packet: Ask, ctx: Context) -> Answer:
+        if only is None or packet.text == only:
+            started.set()
+            await release.wait()
+        return Answer(answer + packet.text)
+
+    return started, release
+
+
 @contextlib.asynccontextmanager
 async def closing(*clients: Client) -> AsyncIterator[None]:
     try:
@@ -90,12 +127,7 @@ async def test_every_call_on_a_closed_client_raises_connection_closed(
 async def test_close_fails_pending_requests_with_connection_closed(make_client: Any) -> None:
     a = await make_client("a")
     b = await make_client("b")
-    release = asyncio.Event()
-
-    @b.on(Ask)
-    async def ask(packet: Ask, ctx: Context) -> Answer:
-        await release.wait()
-        return Answer("never seen")
+    _, release = hold_asks(b, "never seen: ")
 
     pending = asyncio.ensure_future(a.request("b", Ask("wait"), timeout=10.0))
     await asyncio.sleep(0.1)
@@ -147,13 +179,8 @@ async def test_a_pending_ack_survives_the_service_closing_and_completes_after_it
     """Documented: an ack=True send not yet acknowledged when the link breaks is kept and
     resent (RESENT) after the reconnect, its ack future waiting meanwhile; a pending group
     change still fails with ConnectionClosed (it is redone on reconnect instead)."""
-    first = new_service(tmp_path)
-    await first.start()
+    first, a, b = await start_with_a_and_b(tmp_path)
     port = first.port
-    a = new_client("a", first.url)
-    b = new_client("b", first.url)
-    await a.connect()
-    await b.connect()
     heard: list[str] = []
     b.on(Note)(lambda p, ctx: heard.append(p.text))
     second = new_service(tmp_path, port)
@@ -190,20 +217,8 @@ async def test_a_pending_request_waits_for_its_timeout_when_the_service_closes(
 ) -> None:
     """Documented: acks fail at once with ConnectionClosed, but requests keep waiting for
     their reply (which may still arrive after a reconnect) until their timeout."""
-    service = new_service(tmp_path)
-    await service.start()
-    a = new_client("a", service.url)
-    b = new_client("b", service.url)
-    await a.connect()
-    await b.connect()
-    started_handling = asyncio.Event()
-    release = asyncio.Event()
-
-    @b.on(Ask)
-    async def ask(packet: Ask, ctx: Context) -> Answer:
-        started_handling.set()
-        await release.wait()
-        return Answer("never seen")
+    service, a, b = await start_with_a_and_b(tmp_path)
+    started_handling, _ = hold_asks(b, "never seen: ")
 
     async with closing(a, b):
         started = time.monotonic()
@@ -225,13 +240,8 @@ async def test_a_pending_request_waits_for_its_timeout_when_the_service_closes(
 async def test_a_client_reconnects_to_a_restarted_service_and_rejoins_its_groups(
     tmp_path: Path,
 ) -> None:
-    first = new_service(tmp_path)
-    await first.start()
+    first, a, b = await start_with_a_and_b(tmp_path)
     port = first.port
-    a = new_client("a", first.url)
-    b = new_client("b", first.url)
-    await a.connect()
-    await b.connect()
     heard: asyncio.Queue[tuple[str, str, str | None]] = asyncio.Queue()
     a.on(Note)(lambda p, ctx: heard.put_nowait((p.text, ctx.sender, ctx.group)))
     await a.join("room")
@@ -245,10 +255,8 @@ async def test_a_client_reconnects_to_a_restarted_service_and_rejoins_its_groups
             await eventually(lambda: not a.connected and not b.connected)
             assert a.reconnects == 0
 
-            await second.start()
+            await restart(second, a, b)
             assert second.port == port
-            await a.wait_connected(WAIT)
-            await b.wait_connected(WAIT)
 
             assert a.connected and b.connected
             assert a.reconnects == 1
@@ -264,21 +272,9 @@ async def test_a_client_reconnects_to_a_restarted_service_and_rejoins_its_groups
 
 async def test_a_reply_still_arrives_after_both_sides_reconnect(tmp_path: Path) -> None:
     """A request's reply may arrive after a reconnect under the same name."""
-    first = new_service(tmp_path)
-    await first.start()
+    first, a, b = await start_with_a_and_b(tmp_path)
     port = first.port
-    a = new_client("a", first.url)
-    b = new_client("b", first.url)
-    await a.connect()
-    await b.connect()
-    started_handling = asyncio.Event()
-    release = asyncio.Event()
-
-    @b.on(Ask)
-    async def ask(packet: Ask, ctx: Context) -> Answer:
-        started_handling.set()
-        await release.wait()
-        return Answer(f"late answer to {packet.text}")
+    started_handling, release = hold_asks(b, "late answer to ")
 
     second = new_service(tmp_path, port)
     try:
@@ -287,9 +283,7 @@ async def test_a_reply_still_arrives_after_both_sides_reconnect(tmp_path: Path) 
             await asyncio.wait_for(started_handling.wait(), WAIT)
             await first.close()
             await eventually(lambda: not a.connected and not b.connected)
-            await second.start()
-            await a.wait_connected(WAIT)
-            await b.wait_connected(WAIT)
+            await restart(second, a, b)
 
             release.set()
             assert await asyncio.wait_for(pending, WAIT) == Answer("late answer to q")
@@ -305,22 +299,9 @@ async def test_a_handler_finishing_while_disconnected_does_not_stop_later_handli
 
     Expected: the late reply is dropped (or sent after the reconnect), later packets are
     handled, close() does not raise."""
-    first = new_service(tmp_path)
-    await first.start()
+    first, a, b = await start_with_a_and_b(tmp_path)
     port = first.port
-    a = new_client("a", first.url)
-    b = new_client("b", first.url)
-    await a.connect()
-    await b.connect()
-    started_handling = asyncio.Event()
-    release = asyncio.Event()
-
-    @b.on(Ask)
-    async def ask(packet: Ask, ctx: Context) -> Answer:
-        if packet.text == "slow":
-            started_handling.set()
-            await release.wait()
-        return Answer(f"answer to {packet.text}")
+    started_handling, release = hold_asks(b, "answer to ", only="slow")
 
     second = new_service(tmp_path, port)
     try:
@@ -331,9 +312,7 @@ async def test_a_handler_finishing_while_disconnected_does_not_stop_later_handli
         release.set()  # the handler returns while b is disconnected
         await asyncio.sleep(0.1)
 
-        await second.start()
-        await a.wait_connected(WAIT)
-        await b.wait_connected(WAIT)
+        await restart(second, a, b)
         with contextlib.suppress(RequestTimeout):
             await slow
         assert await a.request("b", Ask("next"), timeout=1.0) == Answer("answer to next")

@@ -7,11 +7,10 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from conftest import ServiceFactory
 
 from packetstack import (
     Client,
@@ -58,18 +57,9 @@ def blob_of_encoded_size(size: int) -> Blob:
 
 
 @pytest.fixture
-async def small_service(tmp_path: Path) -> AsyncIterator[Service]:
+async def small_service(make_service: ServiceFactory) -> Service:
     """A service that allows payloads up to 2 MiB, sent in 64 KiB chunks."""
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        heartbeat=0.5,
-        heartbeat_timeout=2.0,
-        max_payload=SMALL_MAX_PAYLOAD,
-        chunk_size=SMALL_CHUNK,
-    ) as running:
-        yield running
+    return await make_service(max_payload=SMALL_MAX_PAYLOAD, chunk_size=SMALL_CHUNK)
 
 
 async def test_a_50_mb_packet_arrives_intact_and_does_not_hold_up_small_ones(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any, ClassVar
 
 import pytest
 from support import eventually
 
 from packetstack import (
+    Client,
     Context,
     DeliveryError,
     Packet,
@@ -19,6 +21,7 @@ from packetstack import (
     UnknownDestination,
 )
 from packetstack.errors import ErrorCode
+from packetstack.peer import Peer
 
 WAIT = 3.0
 
@@ -135,15 +138,22 @@ async def test_100_concurrent_requests_each_get_their_own_answer(make_client: An
     assert replies == [Num(n * (2 if n % 2 == 0 else 3)) for n in range(100)]
 
 
-async def test_a_request_times_out_when_the_handler_is_slower(make_client: Any) -> None:
-    a = await make_client("a")
-    b = await make_client("b")
+def stall_until_released(client: Client) -> asyncio.Event:
+    """Make ``client`` answer each Stall request only once the returned event is set."""
     release = asyncio.Event()
 
-    @b.on(Stall)
+    @client.on(Stall)
     async def stall(packet: Stall, ctx: Context) -> Answer:
         await release.wait()
         return Answer("too late")
+
+    return release
+
+
+async def test_a_request_times_out_when_the_handler_is_slower(make_client: Any) -> None:
+    a = await make_client("a")
+    b = await make_client("b")
+    release = stall_until_released(b)
 
     @b.on(Ask)
     async def ask(packet: Ask, ctx: Context) -> Answer:
@@ -165,12 +175,7 @@ async def test_a_request_times_out_when_the_handler_is_slower(make_client: Any) 
 async def test_the_client_default_request_timeout_applies(make_client: Any) -> None:
     a = await make_client("a", request_timeout=0.3)
     b = await make_client("b")
-    release = asyncio.Event()
-
-    @b.on(Stall)
-    async def stall(packet: Stall, ctx: Context) -> Answer:
-        await release.wait()
-        return Answer("too late")
+    release = stall_until_released(b)
 
     started = time.monotonic()
     with pytest.raises(RequestTimeout):
@@ -268,78 +273,74 @@ async def test_an_acknowledged_send_to_a_present_ending_succeeds(make_client: An
 # -------------------------------------------------------------- remote errors
 
 
-async def test_a_raising_handler_gives_remote_error(make_client: Any) -> None:
-    a = await make_client("a")
-    b = await make_client("b")
-
-    @b.on(Boom)
-    async def boom(packet: Boom, ctx: Context) -> Answer:
-        raise ValueError(f"cannot take {packet.text}")
-
-    with pytest.raises(RemoteError) as caught:
-        await a.request("b", Boom("item 42"), timeout=WAIT)
-
-    assert caught.value.remote_type == "ValueError"
-    assert caught.value.code == ErrorCode.HANDLER_FAILED
-    assert "cannot take item 42" in str(caught.value)
-
-
-async def test_a_raising_service_handler_gives_remote_error(
-    make_client: Any, service: Service
+async def assert_remote_error(
+    request: Awaitable[object], code: ErrorCode, remote_type: str, text: str
 ) -> None:
-    a = await make_client("a")
-
-    @service.on(Boom)
-    async def boom(packet: Boom, ctx: Context) -> Answer:
-        raise KeyError(packet.text)
-
+    """``request`` fails with a RemoteError of ``code`` and ``remote_type`` that says ``text``."""
     with pytest.raises(RemoteError) as caught:
-        await a.request("service", Boom("missing-key"), timeout=WAIT)
+        await request
+    assert caught.value.code == code
+    assert caught.value.remote_type == remote_type
+    assert text in str(caught.value)
 
-    assert caught.value.remote_type == "KeyError"
-    assert caught.value.code == ErrorCode.HANDLER_FAILED
-    assert "missing-key" in str(caught.value)
 
-
-async def test_a_raising_ending_handler_gives_remote_error_to_the_service(
-    make_client: Any, service: Service
+@pytest.mark.parametrize(
+    ("asker", "handler", "error", "text"),
+    [
+        ("a", "b", ValueError, "cannot take item 42"),
+        ("a", "service", KeyError, "missing-key"),
+        ("service", "a", RuntimeError, "ending failed"),
+    ],
+    ids=["ending to ending", "ending to the service", "the service to an ending"],
+)
+async def test_a_raising_handler_gives_remote_error(
+    make_client: Any,
+    service: Service,
+    asker: str,
+    handler: str,
+    error: type[Exception],
+    text: str,
 ) -> None:
-    a = await make_client("a")
+    peers: dict[str, Peer] = {
+        "service": service,
+        "a": await make_client("a"),
+        "b": await make_client("b"),
+    }
 
-    @a.on(Boom)
+    @peers[handler].on(Boom)
     async def boom(packet: Boom, ctx: Context) -> Answer:
-        raise RuntimeError(packet.text)
+        raise error(packet.text)
 
-    with pytest.raises(RemoteError) as caught:
-        await service.request("a", Boom("ending failed"), timeout=WAIT)
-
-    assert caught.value.remote_type == "RuntimeError"
-    assert caught.value.code == ErrorCode.HANDLER_FAILED
-    assert "ending failed" in str(caught.value)
+    await assert_remote_error(
+        peers[asker].request(handler, Boom(text), timeout=WAIT),
+        ErrorCode.HANDLER_FAILED,
+        error.__name__,
+        text,
+    )
 
 
 async def test_a_request_without_a_handler_gives_no_handler(make_client: Any) -> None:
     a = await make_client("a")
     await make_client("b")
 
-    with pytest.raises(RemoteError) as caught:
-        await a.request("b", Orphan(1), timeout=WAIT)
-
-    assert caught.value.code == ErrorCode.NO_HANDLER
-    assert caught.value.remote_type == "LookupError"
-    assert Orphan.packet_tag in str(caught.value)
+    await assert_remote_error(
+        a.request("b", Orphan(1), timeout=WAIT),
+        ErrorCode.NO_HANDLER,
+        "LookupError",
+        Orphan.packet_tag,
+    )
 
 
 async def test_a_request_with_an_unknown_tag_gives_unknown_packet_type(make_client: Any) -> None:
     a = await make_client("a")
     await make_client("b")
 
-    with pytest.raises(RemoteError) as caught:
-        await a.request("b", Ghost("boo"), timeout=WAIT)
-
-    assert caught.value.code == ErrorCode.UNKNOWN_PACKET_TYPE
-    assert caught.value.remote_type == "UnknownPacketType"
-    assert "tcr.ghost-has-no-class" in str(caught.value)
+    await assert_remote_error(
+        a.request("b", Ghost("boo"), timeout=WAIT),
+        ErrorCode.UNKNOWN_PACKET_TYPE,
+        "UnknownPacketType",
+        "tcr.ghost-has-no-class",
+    )
 
 
 async def test_a_request_whose_body_does_not_validate_gives_decode_failed(
@@ -372,12 +373,9 @@ async def test_a_request_handler_returning_none_gives_remote_error(make_client: 
     async def nothing(packet: Nothing, ctx: Context) -> None:
         return None
 
-    with pytest.raises(RemoteError) as caught:
-        await a.request("b", Nothing(), timeout=WAIT)
-
-    assert caught.value.code == ErrorCode.HANDLER_FAILED
-    assert caught.value.remote_type == "TypeError"
-    assert "NoneType" in str(caught.value)
+    await assert_remote_error(
+        a.request("b", Nothing(), timeout=WAIT), ErrorCode.HANDLER_FAILED, "TypeError", "NoneType"
+    )
 
 
 # --------------------------------------------- failing handlers, plain sends

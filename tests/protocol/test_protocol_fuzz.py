@@ -94,6 +94,20 @@ def pieces(data: bytes, cuts: list[int] | int) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)] or [b""]
 
 
+def drain_and_receive(
+    sender: Connection, recv: Connection, stream: bytes, drain_budget: int, splits: list[int] | int
+) -> list[Event]:
+    """Append the chunks ``sender`` still holds (``drain_budget`` bytes at a time) and a PING
+    to ``stream``, and feed it to ``recv`` cut at ``splits``: the events it gave."""
+    while sender.has_chunks:
+        stream += b"".join(sender.next_chunks(drain_budget))
+    stream += sender.ping_frame()
+    events: list[Event] = []
+    for piece in pieces(stream, splits):
+        events += recv.receive_data(piece)
+    return events
+
+
 SPLITS = st.one_of(
     st.lists(st.integers(0, 1 << 20), max_size=30),
     st.integers(1, 64),
@@ -310,13 +324,7 @@ def test_packets_round_trip_for_any_split(
         stream += out
         if i < len(budgets):
             stream += b"".join(sender.next_chunks(budgets[i]))
-    while sender.has_chunks:
-        stream += b"".join(sender.next_chunks(drain_budget))
-    stream += sender.ping_frame()
-
-    events: list[Event] = []
-    for piece in pieces(stream, splits):
-        events += recv.receive_data(piece)
+    events = drain_and_receive(sender, recv, stream, drain_budget, splits)
 
     if direction == "service->client":
         assert events[0] == WelcomeReceived(WELCOME)
@@ -373,13 +381,7 @@ def test_deliveries_arrive_whole_and_in_seq_order_for_any_split(
         sender.append_delivery(stream, first_seq + i, packet_frame(hdr, payload))
         if i < len(budgets):
             stream += b"".join(sender.next_chunks(budgets[i]))
-    while sender.has_chunks:
-        stream += b"".join(sender.next_chunks(drain_budget))
-    stream += sender.ping_frame()
-
-    events: list[Event] = []
-    for piece in pieces(bytes(stream), splits):
-        events += recv.receive_data(piece)
+    events = drain_and_receive(sender, recv, bytes(stream), drain_budget, splits)
 
     assert events[0] == WelcomeReceived(WELCOME)
     assert events[-1] == PingReceived()

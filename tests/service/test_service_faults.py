@@ -11,12 +11,12 @@ import signal
 import struct
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
 import msgspec
 import pytest
+from conftest import ServiceFactory
 from support import RawPeer, close_raw, open_raw, spawn_script, wait_until
 
 from packetstack import Client, Context, Packet, RequestTimeout, Service
@@ -90,16 +90,8 @@ WORKER = textwrap.dedent(
 
 
 @pytest.fixture
-async def fault_service(tmp_path: Path) -> AsyncIterator[Service]:
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        heartbeat=0.5,
-        heartbeat_timeout=2.0,
-        handshake_timeout=1.0,
-    ) as running:
-        yield running
+async def fault_service(make_service: ServiceFactory) -> Service:
+    return await make_service(handshake_timeout=1.0)
 
 
 def spawn_worker(
@@ -178,14 +170,12 @@ async def test_killed_worker_is_dropped_and_its_restart_gets_what_waited_in_its_
 
 
 async def test_restarted_worker_replaces_a_frozen_one_at_once(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], make_service: ServiceFactory
 ) -> None:
     """A new process under the name of a frozen (not yet timed out) one takes over at once;
     the old one, thawed, is told REPLACED and does not steal the name back."""
-    async with Service(
-        "127.0.0.1", 0, data_dir=tmp_path / "data", heartbeat=1.0, heartbeat_timeout=60.0
-    ) as service:
-        await _replace_frozen(service, tmp_path, processes)
+    service = await make_service(heartbeat=1.0, heartbeat_timeout=60.0)
+    await _replace_frozen(service, tmp_path, processes)
 
 
 async def _replace_frozen(

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from conftest import ServiceFactory
 from support import eventually
 
 from packetstack import (
@@ -38,21 +37,14 @@ class Pong(Packet):
 
 
 @pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[Service]:
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        tokens=["s3cret"],
-        heartbeat=0.5,
-        heartbeat_timeout=2.0,
-    ) as running:
+async def secured(make_service: ServiceFactory) -> Service:
+    running = await make_service(tokens=["s3cret"])
 
-        @running.on(Ping)
-        async def ping(packet: Ping, ctx: Context) -> Pong:
-            return Pong(packet.n, ctx.sender)
+    @running.on(Ping)
+    async def ping(packet: Ping, ctx: Context) -> Pong:
+        return Pong(packet.n, ctx.sender)
 
-        yield running
+    return running
 
 
 # -------------------------------------------------------------------- tokens

@@ -98,9 +98,11 @@ async def spawn_receiver(
     return proc
 
 
-def start(service: ServiceProcess, processes: list[subprocess.Popen[bytes]]) -> None:
-    """(Re)start the service process; the ``processes`` fixture cleans it up."""
+async def start(service: ServiceProcess, processes: list[subprocess.Popen[bytes]]) -> None:
+    """(Re)start the service process and wait until it listens; the ``processes`` fixture
+    cleans it up."""
     processes.append(service.start())
+    await service.wait_listening()
 
 
 # ------------------------------------------------ service killed while storing
@@ -111,8 +113,7 @@ async def test_10000_packets_to_an_offline_ending_survive_a_service_kill9_halfwa
 ) -> None:
     total = 10_000
     service = ServiceProcess(free_port(), tmp_path)
-    start(service, processes)
-    await service.wait_listening()
+    await start(service, processes)
     sender = Client("sender", service.url, backoff_max=0.2, request_timeout=60)
     ending = Client("ending", service.url, backoff_max=0.2)
     got: list[tuple[int, int]] = []
@@ -137,8 +138,7 @@ async def test_10000_packets_to_an_offline_ending_survive_a_service_kill9_halfwa
         service.kill9()
         await wait_until(lambda: not sender.connected, 5, "the sender to notice the kill")
         await asyncio.sleep(0.3)  # sends meanwhile queue in the sender's outbox
-        start(service, processes)
-        await service.wait_listening()
+        await start(service, processes)
         await asyncio.wait_for(sending, 60)
         assert sender.reconnects == 1
         assert sender.outbox_size == 0
@@ -213,8 +213,7 @@ async def test_receiver_connected_through_service_kill9_handles_each_stored_pack
     are dropped by the client (same seq), its handler sees every packet once."""
     total = 3000
     service = ServiceProcess(free_port(), tmp_path)
-    start(service, processes)
-    await service.wait_listening()
+    await start(service, processes)
     sender = Client("sender", service.url, backoff_max=0.2, request_timeout=60)
     ending = Client("ending", service.url, backoff_max=0.2, connect_timeout=20)
     got: list[tuple[int, int]] = []
@@ -232,8 +231,7 @@ async def test_receiver_connected_through_service_kill9_handles_each_stored_pack
         service.kill9()
         killed_at = len(got)
         assert killed_at < total
-        start(service, processes)
-        await service.wait_listening()
+        await start(service, processes)
         await wait_until(lambda: len(got) >= total, 60, "every packet after the restart")
         await asyncio.sleep(0.5)
         assert_exactly_once_in_order(got, total)
@@ -255,8 +253,7 @@ async def test_live_receiver_never_handles_a_packet_twice_across_service_kill9(
     lose none. Freezing from the handler makes the timing deterministic."""
     total, freeze_at = 2000, 1100
     service = ServiceProcess(free_port(), tmp_path)
-    start(service, processes)
-    await service.wait_listening()
+    await start(service, processes)
     assert service.proc is not None
     service_pid = service.proc.pid
     sender = Client("sender", service.url, backoff_max=0.2, request_timeout=60)
@@ -276,8 +273,7 @@ async def test_live_receiver_never_handles_a_packet_twice_across_service_kill9(
         await wait_until(lambda: is_stopped(service_pid), 30, "the freeze")
         await asyncio.sleep(0.3)  # the receiver handles what it has; its acks go unread
         service.kill9()
-        start(service, processes)
-        await service.wait_listening()
+        await start(service, processes)
         await asyncio.wait_for(sending, 60)
         await wait_until(lambda: {n for _, n in got} == set(range(total)), 30, "every packet")
         await asyncio.sleep(0.5)
@@ -303,8 +299,7 @@ async def test_frozen_reader_200000_packets_spill_to_disk_with_bounded_service_m
     SIGCONT every packet arrives, in order, once."""
     total, stop_for, rss_bound_mb = 200_000, 30.0, 250.0
     service = ServiceProcess(free_port(), tmp_path, service_env(heartbeat=10, heartbeat_timeout=60))
-    start(service, processes)
-    await service.wait_listening()
+    await start(service, processes)
     assert service.proc is not None
     service_pid = service.proc.pid
     out = tmp_path / "reader.txt"
@@ -395,8 +390,7 @@ async def test_group_membership_survives_service_kill9_and_offline_members_get_t
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     service = ServiceProcess(free_port(), tmp_path)
-    start(service, processes)
-    await service.wait_listening()
+    await start(service, processes)
     out = tmp_path / "member.txt"
     member = await spawn_receiver(
         tmp_path, service.url, processes, out, name="member", groups=["room"]
@@ -405,8 +399,7 @@ async def test_group_membership_survives_service_kill9_and_offline_members_get_t
     service.kill9()
     member.kill()
     member.wait(timeout=10)
-    start(service, processes)
-    await service.wait_listening()
+    await start(service, processes)
 
     publisher = Client("publisher", service.url, reconnect=False)
     await publisher.connect()
@@ -414,8 +407,7 @@ async def test_group_membership_survives_service_kill9_and_offline_members_get_t
         for n in range(50):
             await publisher.publish("room", MfItem(n), ack=True)
         service.kill9()  # stored in the offline member's mailbox; the service dies again
-        start(service, processes)
-        await service.wait_listening()
+        await start(service, processes)
         # The member process comes back WITHOUT joining: membership and mailbox persisted.
         await spawn_receiver(tmp_path, service.url, processes, out, name="member")
         await wait_until(lambda: len(read_records(out)) >= 50, 15, "the group's packets")
@@ -435,8 +427,7 @@ async def test_stored_packets_survive_service_kill9_depth_and_delivery_intact(
     opened again shows the full mailbox, and the ending gets them all, in order, once."""
     total = 2000
     service = ServiceProcess(free_port(), tmp_path)
-    start(service, processes)
-    await service.wait_listening()
+    await start(service, processes)
     sender = Client("sender", service.url, reconnect=False)
     await sender.connect()
     try:

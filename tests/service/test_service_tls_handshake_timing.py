@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trustme
+from conftest import ServiceFactory
 
-from packetstack import Client, ConnectionFailed, Service
+from packetstack import Client, ConnectionFailed
 from packetstack.errors import CloseCode
 from packetstack.protocol import (
     CloseReceived,
@@ -39,27 +39,6 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return context
-
-
-def new_service(tmp_path: Path, handshake_timeout: float, **options: object) -> Service:
-    return Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        heartbeat=0.5,
-        heartbeat_timeout=2.0,
-        handshake_timeout=handshake_timeout,
-        **options,  # type: ignore[arg-type]
-    )
-
-
-@pytest.fixture
-async def services() -> AsyncIterator[list[Service]]:
-    """Services to close at the end (a test may close one itself first)."""
-    started: list[Service] = []
-    yield started
-    for service in started:
-        await service.close()
 
 
 class RawPeer:
@@ -103,16 +82,13 @@ class RawPeer:
 
 
 async def test_a_slow_tls_handshake_still_gets_its_full_handshake_timeout(
-    tmp_path: Path,
-    services: list[Service],
+    make_service: ServiceFactory,
     server_context: ssl.SSLContext,
     client_context: ssl.SSLContext,
 ) -> None:
     """TLS done 0.6 s after accept(), HELLO 0.6 s after that: 1.2 s after accept() but
     within the 1 s handshake timeout counted from the completed TLS handshake."""
-    service = new_service(tmp_path, 1.0, ssl_context=server_context)
-    await service.start()
-    services.append(service)
+    service = await make_service(handshake_timeout=1.0, ssl_context=server_context)
 
     peer = await RawPeer.open(service.port)
     try:
@@ -131,14 +107,11 @@ async def test_a_slow_tls_handshake_still_gets_its_full_handshake_timeout(
 
 
 async def test_a_silent_tls_connection_is_timed_out_from_its_tls_handshake(
-    tmp_path: Path,
-    services: list[Service],
+    make_service: ServiceFactory,
     server_context: ssl.SSLContext,
     client_context: ssl.SSLContext,
 ) -> None:
-    service = new_service(tmp_path, 1.0, ssl_context=server_context)
-    await service.start()
-    services.append(service)
+    service = await make_service(handshake_timeout=1.0, ssl_context=server_context)
 
     peer = await RawPeer.open(service.port)
     try:
@@ -161,11 +134,9 @@ async def test_a_silent_tls_connection_is_timed_out_from_its_tls_handshake(
 
 
 async def test_a_tls_client_that_connects_is_not_counted_as_a_handshake_timeout(
-    tmp_path: Path, services: list[Service], server_context: ssl.SSLContext, cafile: str
+    make_service: ServiceFactory, server_context: ssl.SSLContext, cafile: str
 ) -> None:
-    service = new_service(tmp_path, 0.3, ssl_context=server_context)
-    await service.start()
-    services.append(service)
+    service = await make_service(handshake_timeout=0.3, ssl_context=server_context)
 
     async with Client("tls", service.url, cafile=cafile, reconnect=False) as client:
         await asyncio.sleep(0.6)  # twice the handshake timeout
@@ -177,14 +148,13 @@ async def test_a_tls_client_that_connects_is_not_counted_as_a_handshake_timeout(
 
 @pytest.mark.parametrize("wait", [0.0, 0.6], ids=["close at once", "close after the timeout"])
 async def test_a_failed_tls_handshake_is_not_counted_and_close_is_prompt(
-    tmp_path: Path,
+    make_service: ServiceFactory,
     server_context: ssl.SSLContext,
     other_cafile: str,
     cafile: str,
     wait: float,
 ) -> None:
-    service = new_service(tmp_path, 0.3, ssl_context=server_context)
-    await service.start()
+    service = await make_service(handshake_timeout=0.3, ssl_context=server_context)
     try:
         client = Client("bad", service.url, cafile=other_cafile, connect_timeout=1.0)
         with pytest.raises(ConnectionFailed) as caught:
@@ -209,11 +179,9 @@ async def test_a_failed_tls_handshake_is_not_counted_and_close_is_prompt(
 
 
 async def test_a_plain_connection_that_sends_nothing_gets_handshake_timeout(
-    tmp_path: Path, services: list[Service]
+    make_service: ServiceFactory,
 ) -> None:
-    service = new_service(tmp_path, 0.3)
-    await service.start()
-    services.append(service)
+    service = await make_service(handshake_timeout=0.3)
 
     started = time.monotonic()
     peer = await RawPeer.open(service.port)
@@ -230,12 +198,8 @@ async def test_a_plain_connection_that_sends_nothing_gets_handshake_timeout(
         await peer.close()
 
 
-async def test_a_plain_hello_within_the_timeout_is_welcomed(
-    tmp_path: Path, services: list[Service]
-) -> None:
-    service = new_service(tmp_path, 0.5)
-    await service.start()
-    services.append(service)
+async def test_a_plain_hello_within_the_timeout_is_welcomed(make_service: ServiceFactory) -> None:
+    service = await make_service(handshake_timeout=0.5)
 
     peer = await RawPeer.open(service.port)
     try:

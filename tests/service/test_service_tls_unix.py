@@ -7,12 +7,13 @@ import shutil
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import trustme
+from conftest import ServiceFactory
 
 from packetstack import (
     Client,
@@ -46,16 +47,8 @@ def answer_pings(client: Client, via: str) -> None:
 
 
 @pytest.fixture
-async def tls_service(tmp_path: Path, server_context: ssl.SSLContext) -> AsyncIterator[Service]:
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        ssl_context=server_context,
-        heartbeat=0.5,
-        heartbeat_timeout=2.0,
-    ) as running:
-        yield running
+async def tls_service(make_service: ServiceFactory, server_context: ssl.SSLContext) -> Service:
+    return await make_service(ssl_context=server_context)
 
 
 @pytest.fixture

@@ -8,22 +8,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import ClassVar
 
 import msgspec
 import pytest
+from conftest import ServiceFactory
 from support import RawPeer, close_raw, open_raw, wait_until
 
 from packetstack import Client, Context, Packet, Service
 from packetstack.errors import ProtocolError
 from packetstack.protocol import (
-    Hello,
     PacketHeader,
     PacketReceived,
     Target,
-    WelcomeReceived,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -91,9 +88,17 @@ class FloodPeer(RawPeer):
 
 async def raw_ending(port: int, name: str, rcvbuf: int | None = None) -> FloodPeer:
     peer = await open_raw(port, rcvbuf, FloodPeer)
-    peer.send(peer.parser.hello_frame(Hello(1, name)))
-    await peer.wait_for(lambda: any(type(e) is WelcomeReceived for e in peer.events), timeout=5)
+    await peer.handshake(name)
     return peer
+
+
+async def stalled_reader(port: int, ping_every: float) -> tuple[FloodPeer, asyncio.Task[None]]:
+    """The raw ending "slow", with a small receive buffer, reading nothing until its
+    transport resumes reading; the task keeps it alive with a PING every ``ping_every`` s."""
+    slow = await raw_ending(port, "slow", rcvbuf=4096)
+    assert slow.transport is not None
+    slow.transport.pause_reading()
+    return slow, asyncio.create_task(_pinger(slow, ping_every))
 
 
 def session_buffered(service: Service, name: str) -> int:
@@ -123,17 +128,18 @@ def send_buffer(service: Service, name: str) -> int:
 
 
 @pytest.fixture
-async def bp_service(tmp_path: Path) -> AsyncIterator[Service]:
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        heartbeat=5.0,
-        heartbeat_timeout=60.0,
-        high_water=HIGH_WATER,
-        low_water=LOW_WATER,
-    ) as running:
-        yield running
+async def bp_service(make_service: ServiceFactory) -> Service:
+    return await make_service(
+        heartbeat=5.0, heartbeat_timeout=60.0, high_water=HIGH_WATER, low_water=LOW_WATER
+    )
+
+
+@pytest.fixture
+async def stall_service(make_service: ServiceFactory) -> Service:
+    """Short heartbeats (0.25 s, timeout 1 s) and low water marks (256 KiB / 64 KiB)."""
+    return await make_service(
+        heartbeat=0.25, heartbeat_timeout=1.0, high_water=256 * 1024, low_water=64 * 1024
+    )
 
 
 async def _pinger(peer: FloodPeer, interval: float) -> None:
@@ -163,10 +169,8 @@ async def test_a_slow_reader_spills_to_its_mailbox_and_never_holds_back_its_send
     bp_service: Service,
 ) -> None:
     service = bp_service
-    slow = await raw_ending(service.port, "slow", rcvbuf=4096)
+    slow, pinger = await stalled_reader(service.port, 0.5)
     assert slow.transport is not None
-    slow.transport.pause_reading()  # from now on "slow" reads nothing until resumed
-    pinger = asyncio.create_task(_pinger(slow, 0.5))
 
     fast = Client("fast", service.url, reconnect=False)
     c1 = Client("c1", service.url, reconnect=False)
@@ -246,107 +250,83 @@ async def test_a_slow_reader_spills_to_its_mailbox_and_never_holds_back_its_send
 
 
 async def test_a_reader_stalled_longer_than_the_heartbeat_timeout_costs_nobody_the_link(
-    tmp_path: Path,
+    stall_service: Service,
 ) -> None:
     """A consumer that stalls for longer than the heartbeat timeout (but keeps pinging) is
     kept, its producer is never held and stays connected, and the consumer gets the whole
     flood once it reads again."""
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        heartbeat=0.25,
-        heartbeat_timeout=1.0,
-        high_water=256 * 1024,
-        low_water=64 * 1024,
-    ) as service:
-        slow = await raw_ending(service.port, "slow", rcvbuf=4096)
-        assert slow.transport is not None
-        slow.transport.pause_reading()
-        pinger = asyncio.create_task(_pinger(slow, 0.1))  # "slow" itself stays alive
-        fast = Client("fast", service.url, reconnect=False)
-        sent = [0]
-        flood_task: asyncio.Task[None] | None = None
-        try:
-            await fast.connect()
-            flood_task = asyncio.create_task(_flood(fast, sent))
-            await asyncio.wait_for(flood_task, 60)  # never held back
-            assert sent[0] == FLOOD
-            # Stalled for three heartbeat timeouts.
-            await asyncio.sleep(3.0)
-            assert "slow" in service.endings, "'slow' kept pinging but was dropped"
-            assert fast.connected, (
-                f"the fast sender was disconnected (stats: {dict(service.stats)})"
-            )
-            assert service.stats["mailbox_spills"] >= 1
-            slow.transport.resume_reading()
-            await slow.wait_for(lambda: len(slow.flood_seqs) >= FLOOD, timeout=60)
-            assert slow.flood_seqs == list(range(FLOOD))
-            assert fast.connected
-        finally:
-            await _cancel(flood_task)
-            await _cancel(pinger)
-            await fast.close()
-            close_raw(slow)
+    service = stall_service
+    slow, pinger = await stalled_reader(service.port, 0.1)  # "slow" itself stays alive
+    assert slow.transport is not None
+    fast = Client("fast", service.url, reconnect=False)
+    sent = [0]
+    flood_task: asyncio.Task[None] | None = None
+    try:
+        await fast.connect()
+        flood_task = asyncio.create_task(_flood(fast, sent))
+        await asyncio.wait_for(flood_task, 60)  # never held back
+        assert sent[0] == FLOOD
+        # Stalled for three heartbeat timeouts.
+        await asyncio.sleep(3.0)
+        assert "slow" in service.endings, "'slow' kept pinging but was dropped"
+        assert fast.connected, f"the fast sender was disconnected (stats: {dict(service.stats)})"
+        assert service.stats["mailbox_spills"] >= 1
+        slow.transport.resume_reading()
+        await slow.wait_for(lambda: len(slow.flood_seqs) >= FLOOD, timeout=60)
+        assert slow.flood_seqs == list(range(FLOOD))
+        assert fast.connected
+    finally:
+        await _cancel(flood_task)
+        await _cancel(pinger)
+        await fast.close()
+        close_raw(slow)
 
 
 RAW_FLOOD = 50_000
 
 
 async def test_a_sender_flooding_a_stalled_reader_is_read_on_and_dropped_at_once_when_it_dies(
-    tmp_path: Path,
+    stall_service: Service,
 ) -> None:
     """The service keeps reading a sender whose destination stalls (what it cannot pass on
     goes to the mailbox), so it sees at once when that sender dies; the packets it took
     before are delivered, in order, when the reader resumes."""
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
-        heartbeat=0.25,
-        heartbeat_timeout=1.0,
-        high_water=256 * 1024,
-        low_water=64 * 1024,
-    ) as service:
-        slow = await raw_ending(service.port, "slow", rcvbuf=4096)
-        assert slow.transport is not None
-        slow.transport.pause_reading()
-        pinger = asyncio.create_task(_pinger(slow, 0.1))
-        fast = await raw_ending(service.port, "fast")
-        assert fast.transport is not None
-        try:
-            seq = 0
-            async with asyncio.timeout(30):
-                while seq < RAW_FLOOD:
-                    for _ in range(500):
-                        payload = msgspec.msgpack.encode(BpFlood(seq, PAD))
-                        seq += 1
-                        header = PacketHeader(
-                            seq, int(Target.ENDING), "slow", "fast", BpFlood.packet_tag
-                        )
-                        fast.send(fast.parser.send_packet(header, payload))
-                    await asyncio.sleep(0)
-            # The service read the whole flood: nothing waits in our socket buffer.
-            await wait_until(
-                lambda: service.mailbox_depth("slow") == RAW_FLOOD, 30, "the raw flood"
-            )
-            await wait_until(
-                lambda: fast.transport is not None and fast.transport.get_write_buffer_size() == 0,
-                5,
-                "the sender's buffer to drain",
-            )
-            assert service.stats["mailbox_spills"] >= 1
-            assert "fast" in service.endings
+    service = stall_service
+    slow, pinger = await stalled_reader(service.port, 0.1)
+    assert slow.transport is not None
+    fast = await raw_ending(service.port, "fast")
+    assert fast.transport is not None
+    try:
+        seq = 0
+        async with asyncio.timeout(30):
+            while seq < RAW_FLOOD:
+                for _ in range(500):
+                    payload = msgspec.msgpack.encode(BpFlood(seq, PAD))
+                    seq += 1
+                    header = PacketHeader(
+                        seq, int(Target.ENDING), "slow", "fast", BpFlood.packet_tag
+                    )
+                    fast.send(fast.parser.send_packet(header, payload))
+                await asyncio.sleep(0)
+        # The service read the whole flood: nothing waits in our socket buffer.
+        await wait_until(lambda: service.mailbox_depth("slow") == RAW_FLOOD, 30, "the raw flood")
+        await wait_until(
+            lambda: fast.transport is not None and fast.transport.get_write_buffer_size() == 0,
+            5,
+            "the sender's buffer to drain",
+        )
+        assert service.stats["mailbox_spills"] >= 1
+        assert "fast" in service.endings
 
-            fast.transport.abort()  # the sender dies
-            took = await wait_until(lambda: "fast" not in service.endings, 5, "'fast' to go")
-            assert took < 1.0, took
-            assert "slow" in service.endings
+        fast.transport.abort()  # the sender dies
+        took = await wait_until(lambda: "fast" not in service.endings, 5, "'fast' to go")
+        assert took < 1.0, took
+        assert "slow" in service.endings
 
-            slow.transport.resume_reading()
-            await slow.wait_for(lambda: len(slow.flood_seqs) >= RAW_FLOOD, timeout=30)
-            assert slow.flood_seqs == list(range(RAW_FLOOD))
-        finally:
-            await _cancel(pinger)
-            for peer in (slow, fast):
-                close_raw(peer)
+        slow.transport.resume_reading()
+        await slow.wait_for(lambda: len(slow.flood_seqs) >= RAW_FLOOD, timeout=30)
+        assert slow.flood_seqs == list(range(RAW_FLOOD))
+    finally:
+        await _cancel(pinger)
+        for peer in (slow, fast):
+            close_raw(peer)

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from conftest import ServiceFactory
 from support import (
     ServiceProcess,
     clean_env,
@@ -84,16 +84,12 @@ WORKER = textwrap.dedent(
 
 
 @pytest.fixture
-async def hb_service(tmp_path: Path) -> AsyncIterator[Service]:
-    async with Service(
-        "127.0.0.1",
-        0,
-        data_dir=tmp_path / "data",
+async def hb_service(make_service: ServiceFactory) -> Service:
+    return await make_service(
         heartbeat=HEARTBEAT,
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
         handshake_timeout=HANDSHAKE_TIMEOUT,
-    ) as running:
-        yield running
+    )
 
 
 # -------------------------------------------------- silent after handshake
