@@ -17,6 +17,7 @@ from .errors import (
     OutboxFull,
     PacketStackError,
     PayloadTooLarge,
+    PermissionDenied,
     ProtocolError,
     RemoteError,
     RequestTimeout,
@@ -25,7 +26,7 @@ from .errors import (
     UnknownPacketType,
 )
 from .notices import Expired
-from .service import Service, ServiceConfig
+from .service import Principal, Service, ServiceConfig
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,8 @@ __all__ = [
     "Packet",
     "PacketStackError",
     "PayloadTooLarge",
+    "PermissionDenied",
+    "Principal",
     "ProtocolError",
     "RemoteError",
     "RequestTimeout",

@@ -25,6 +25,7 @@ from .errors import (
     ErrorCode,
     MailboxFull,
     PayloadTooLarge,
+    PermissionDenied,
     RemoteError,
     RequestTimeout,
     UnknownDestination,
@@ -304,6 +305,8 @@ def service_error(code: int, message: str) -> Exception:
         return PayloadTooLarge(message)
     if code == ErrorCode.MAILBOX_FULL:
         return MailboxFull(message)
+    if code == ErrorCode.PERMISSION_DENIED:
+        return PermissionDenied(message)
     return DeliveryError(f"{message} (code {code})")
 
 

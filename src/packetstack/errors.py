@@ -14,6 +14,7 @@
     │   └── PacketDecodeError           the body does not validate against its class
     ├── PayloadTooLarge                 refused before anything was sent
     ├── StoreError                      the embedded store could not read or write
+    ├── PermissionDenied                the principal's ACL does not allow the action
     ├── ConnectionFailed                could not reach or keep the service
     │   ├── HandshakeRefused            the service said no at handshake
     │   │   └── AuthenticationFailed    wrong or missing token
@@ -45,6 +46,7 @@ class ErrorCode(enum.IntEnum):
     NO_HANDLER = 7
     INTERNAL = 8
     MAILBOX_FULL = 9
+    PERMISSION_DENIED = 10
 
 
 class CloseCode(enum.IntEnum):
@@ -60,6 +62,8 @@ class CloseCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 1007
     BAD_NAME = 1008
     HANDSHAKE_TIMEOUT = 1009
+    FORBIDDEN = 1010  # the token's principal may not claim this ending name
+    TOO_MANY_CONNECTIONS = 1011  # the service's or the principal's connection limit
 
 
 class PacketStackError(Exception):
@@ -112,6 +116,12 @@ class PayloadTooLarge(PacketStackError):
 
 class StoreError(PacketStackError):
     """The embedded store could not open, read or write its database."""
+
+
+class PermissionDenied(PacketStackError):
+    """The principal of this connection's token may not do that: claim this ending name,
+    send to this ending, publish to or join this group, broadcast, flush or administer.
+    Nothing of the action happened; the service counts each denial."""
 
 
 class ConnectionFailed(PacketStackError, ConnectionError):

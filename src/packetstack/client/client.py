@@ -21,6 +21,7 @@ from ..errors import (
     HandshakeRefused,
     OutboxFull,
     PayloadTooLarge,
+    PermissionDenied,
     ProtocolError,
 )
 from ..peer import DEFAULT_REQUEST_TIMEOUT, Peer
@@ -61,6 +62,7 @@ _FINAL = {
     CloseCode.REPLACED,
     CloseCode.UNSUPPORTED_VERSION,
     CloseCode.BAD_NAME,
+    CloseCode.FORBIDDEN,
 }
 
 
@@ -148,7 +150,7 @@ class Client(Peer):
             try:
                 await self._open(max(0.1, deadline - loop.time()))
                 return
-            except HandshakeRefused:
+            except (HandshakeRefused, PermissionDenied):
                 raise
             except ssl.SSLError as exc:
                 # A certificate that does not verify will not verify on the next try either.
@@ -428,6 +430,8 @@ class Client(Peer):
         message = f"the service refused {self.name!r}: {reason}"
         if code == CloseCode.AUTH_FAILED:
             handshake.set_exception(AuthenticationFailed(message, CloseCode.AUTH_FAILED))
+        elif code == CloseCode.FORBIDDEN:
+            handshake.set_exception(PermissionDenied(message))
         else:
             handshake.set_exception(HandshakeRefused(message, _close_code(code)))
 
@@ -466,6 +470,10 @@ class Client(Peer):
             attempt += 1
             try:
                 await self._open(self.connect_timeout)
+            except PermissionDenied as exc:
+                log.error("%s cannot reconnect: %s", self.name, exc)
+                self._pending.fail_all(ConnectionClosed(str(exc), CloseCode.FORBIDDEN))
+                break
             except HandshakeRefused as exc:
                 if exc.code in _FINAL:
                     log.error("%s cannot reconnect: %s", self.name, exc)

@@ -12,6 +12,7 @@ import msgspec
 from ..errors import ConfigError
 from ..protocol.frames import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD
 from ..transport.endpoints import DEFAULT_PORT
+from .auth import Principal
 
 ENV_PREFIX = "PACKETSTACK_"
 
@@ -23,7 +24,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = DEFAULT_PORT
     unix_path: str | None = None
     data_dir: str = "packetstack-data"
-    tokens: list[str] = []
+    tokens: list[str] = []  # each is an operator's: everything allowed
+    principals: list[Principal] = []  # tokens with their own ACLs (TOML only)
+    allow_open: bool = False  # listen beyond loopback with neither tokens nor principals
+    max_connections: int = 10_000  # at once, all principals together
     tls_cert: str | None = None
     tls_key: str | None = None
     heartbeat: float = 5.0
@@ -62,6 +66,16 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             problems.append("max_payload must be at least chunk_size")
         if self.low_water > self.high_water:
             problems.append("low_water must not exceed high_water")
+        tokens = [p.token for p in self.principals] + self.tokens
+        if any(not token for token in tokens):
+            problems.append("every principal needs a non-empty token")
+        if len(set(tokens)) != len(tokens):
+            problems.append("two principals (or tokens) share a token")
+        names = [p.name for p in self.principals]
+        if len(set(names)) != len(names):
+            problems.append("two principals share a name")
+        if self.max_connections < 1:
+            problems.append("max_connections must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together: set both or neither")
         if problems:
@@ -77,6 +91,8 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     environ = dict(os.environ if environ is None else environ)
     found: dict[str, Any] = {}
     for name in _fields():
+        if name == "principals":
+            continue  # a table: TOML only
         value = environ.get(ENV_PREFIX + name.upper())
         if value is not None:
             found[name] = [t for t in value.split(",") if t] if name == "tokens" else value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import ssl
 import time
@@ -17,7 +16,14 @@ import msgspec
 
 from ..codec import Packet, encode
 from ..dispatch import HANDLERS, Dispatcher, ReplySender
-from ..errors import CloseCode, ConnectionClosed, ErrorCode, MailboxFull, PayloadTooLarge
+from ..errors import (
+    CloseCode,
+    ConfigError,
+    ConnectionClosed,
+    ErrorCode,
+    MailboxFull,
+    PayloadTooLarge,
+)
 from ..notices import Expired
 from ..peer import Peer
 from ..protocol import (
@@ -44,6 +50,7 @@ from ..protocol import (
 )
 from ..storage import EmbeddedStore
 from ..transport import Link, server_ssl_context
+from .auth import Gate, Permissions
 from .config import ServiceConfig, load
 from .mailboxes import Ending, Mailboxes
 from .session import Session
@@ -94,7 +101,8 @@ class Service(Peer):
         if ssl_context is None and cfg.tls_cert is not None:
             ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key)
         self._ssl = ssl_context
-        self._tokens = [t.encode() for t in cfg.tokens]
+        self._gate = Gate(cfg.tokens, cfg.principals)
+        self._principal_sessions: Counter[str] = Counter()
         self.endings: dict[str, Session] = {}
         # Rare events by name (auth_failures, replaced, ...); hot counters are plain ints.
         self.stats: Counter[str] = Counter()
@@ -116,6 +124,13 @@ class Service(Peer):
 
     async def start(self) -> None:
         cfg = self.config
+        loopback = cfg.host in ("127.0.0.1", "::1", "localhost")
+        if self._gate.open and not loopback and not cfg.allow_open:
+            raise ConfigError(
+                f"no tokens or principals are configured and host {cfg.host!r} is not "
+                "loopback: anyone who reaches it could connect as anything. Configure "
+                "tokens or principals, or set allow_open = true to mean it"
+            )
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         await self.mailboxes.open()
         loop = asyncio.get_running_loop()
@@ -136,11 +151,14 @@ class Service(Peer):
             unix = await loop.create_unix_server(self._new_link, cfg.unix_path)
             self._servers.append(unix)
             log.info("listening on unix://%s", cfg.unix_path)
-        if not self._tokens:
-            loopback = cfg.host in ("127.0.0.1", "::1", "localhost")
+        if self._gate.open:
             (log.info if loopback else log.warning)(
-                "no tokens configured: any ending that reaches %s may connect", cfg.host
+                "open service: no tokens or principals configured, any ending that reaches "
+                "%s may connect and do anything",
+                cfg.host,
             )
+        else:
+            log.info("%d principals may connect", len(self._gate.principals))
 
     @property
     def url(self) -> str:
@@ -186,6 +204,13 @@ class Service(Peer):
         # and one that completes late still gets its full handshake timeout.
         self._links.add(link)
         cfg = self.config
+        if len(self._links) > cfg.max_connections:
+            self.stats["connections_refused"] += 1
+            link.close(
+                CloseCode.TOO_MANY_CONNECTIONS,
+                f"the service is at its limit of {cfg.max_connections} connections",
+            )
+            return
         asyncio.get_running_loop().call_later(cfg.handshake_timeout, self._check_handshake, link)
 
     def _check_handshake(self, link: Link) -> None:
@@ -239,6 +264,7 @@ class Service(Peer):
         session = self._sessions_by_link.pop(link, None)
         if session is None:
             return
+        self._principal_sessions[session.principal.name] -= 1
         if self.endings.get(session.name) is session:
             del self.endings[session.name]
             self.mailboxes.detach(session.ending)
@@ -263,7 +289,8 @@ class Service(Peer):
                 f"{PROTOCOL_VERSION}",
             )
             return None
-        if self._tokens and not self._token_ok(hello.token):
+        principal = self._gate.principal(hello.token)
+        if principal is None:
             self.stats["auth_failures"] += 1
             log.warning("refused %r from %s: wrong or missing token", hello.name, link.peer)
             link.close(CloseCode.AUTH_FAILED, "wrong or missing token")
@@ -271,6 +298,21 @@ class Service(Peer):
         problem = validate_name(hello.name)
         if problem is not None:
             link.close(CloseCode.BAD_NAME, problem)
+            return None
+        if not principal.allows("claim", hello.name):
+            self._denied(f"principal {principal.name!r} may not connect as {hello.name!r}")
+            link.close(
+                CloseCode.FORBIDDEN,
+                f"principal {principal.name!r} may not connect as {hello.name!r}",
+            )
+            return None
+        limit = principal.max_connections
+        if limit and self._principal_sessions[principal.name] >= limit:
+            self.stats["connections_refused"] += 1
+            link.close(
+                CloseCode.TOO_MANY_CONNECTIONS,
+                f"principal {principal.name!r} is at its limit of {limit} connections",
+            )
             return None
         previous = self.endings.get(hello.name)
         if previous is not None:
@@ -283,7 +325,9 @@ class Service(Peer):
             self._handlers, self._reply_sender(link), partial(link.hold_reading, reason=HANDLERS)
         )
         ending = self.mailboxes.ending(hello.name)
-        session = Session(hello.name, link, dispatcher, ending)
+        permissions = None if principal.unrestricted else Permissions(principal)
+        session = Session(hello.name, link, dispatcher, ending, principal, permissions)
+        self._principal_sessions[principal.name] += 1
         self.endings[hello.name] = session
         self._sessions_by_link[link] = session
         link.write(
@@ -308,13 +352,34 @@ class Service(Peer):
         log.info("ending %r joined from %s", hello.name, link.peer)
         return session
 
-    def _token_ok(self, token: str | None) -> bool:
-        given = (token or "").encode()
-        # Compare against every token so timing says nothing about which one is close.
-        ok = False
-        for expected in self._tokens:
-            ok |= hmac.compare_digest(given, expected)
-        return ok
+    def _denied(self, why: str) -> None:
+        self.stats["permission_denied"] += 1
+        log.warning("permission denied: %s", why)
+
+    def _permitted(self, session: Session, header: PacketHeader) -> bool:
+        """Whether the session's principal may send this packet where it goes; if not,
+        the sender is told (PERMISSION_DENIED) and nothing is delivered."""
+        permissions = session.permissions
+        assert permissions is not None
+        target = header.target
+        if target == _ENDING:
+            allowed = header.dst == SERVICE_NAME or permissions.allows("send", header.dst)
+            what = f"send to {header.dst!r}"
+        elif target == _GROUP:
+            allowed = permissions.allows("publish", header.dst)
+            what = f"publish to {header.dst!r}"
+        elif target == _ALL:
+            allowed = permissions.principal.broadcast
+            what = "broadcast"
+        else:
+            return True
+        if allowed:
+            return True
+        why = f"principal {permissions.principal.name!r} may not {what}"
+        self._denied(why)
+        link = session.link
+        link.write(link.connection.error_frame(header.id, ErrorCode.PERMISSION_DENIED, why))
+        return False
 
     # -------------------------------------------------------------- routing
 
@@ -327,6 +392,12 @@ class Service(Peer):
             )
             return
         self.packets_in += 1
+        if (
+            session.permissions is not None
+            and not header.flags & _REPLY
+            and not self._permitted(session, header)
+        ):
+            return
         source = session.ending
         flags = header.flags
         if flags & _RESENT and header.id <= source.last_id:
@@ -429,6 +500,11 @@ class Service(Peer):
         link = session.link
         if problem is not None:
             link.write(link.connection.error_frame(event.id, ErrorCode.PROTOCOL, problem))
+            return
+        if event.join and not session.principal.allows("join", event.group):
+            why = f"principal {session.principal.name!r} may not join {event.group!r}"
+            self._denied(why)
+            link.write(link.connection.error_frame(event.id, ErrorCode.PERMISSION_DENIED, why))
             return
         if event.join:
             self.mailboxes.join(session.ending, event.group)

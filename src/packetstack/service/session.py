@@ -4,17 +4,29 @@ from __future__ import annotations
 
 from ..dispatch import Dispatcher
 from ..transport import Link
+from .auth import Permissions, Principal
 from .mailboxes import Ending
 
 
 class Session:
-    __slots__ = ("dispatcher", "ending", "link", "name")
+    __slots__ = ("dispatcher", "ending", "link", "name", "permissions", "principal")
 
-    def __init__(self, name: str, link: Link, dispatcher: Dispatcher, ending: Ending) -> None:
+    def __init__(
+        self,
+        name: str,
+        link: Link,
+        dispatcher: Dispatcher,
+        ending: Ending,
+        principal: Principal,
+        permissions: Permissions | None,
+    ) -> None:
         self.name = name
         self.link = link
         self.dispatcher = dispatcher
         self.ending = ending  # its delivery state, which outlives this connection
+        self.principal = principal
+        # None when the principal may send anywhere: the router then checks nothing.
+        self.permissions = permissions
 
     def __repr__(self) -> str:
         return f"Session({self.name!r}, groups={sorted(self.ending.groups)})"
