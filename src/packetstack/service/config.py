@@ -28,6 +28,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     principals: list[Principal] = []  # tokens with their own ACLs (TOML only)
     allow_open: bool = False  # listen beyond loopback with neither tokens nor principals
     max_connections: int = 10_000  # at once, all principals together
+    # Frames per second one connection may send (0: no limit), and how many may come at
+    # once after a quiet spell. Past it the service reads that connection more slowly.
+    rate_limit: float = 0.0
+    rate_burst: int = 0  # 0: one second's worth
     tls_cert: str | None = None
     tls_key: str | None = None
     heartbeat: float = 5.0
@@ -74,6 +78,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         names = [p.name for p in self.principals]
         if len(set(names)) != len(names):
             problems.append("two principals share a name")
+        if self.rate_limit < 0 or self.rate_burst < 0:
+            problems.append("rate_limit and rate_burst must not be negative")
         if self.max_connections < 1:
             problems.append("max_connections must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -53,6 +53,7 @@ from ..transport import Link, server_ssl_context
 from .auth import Gate, Permissions
 from .config import ServiceConfig, load
 from .mailboxes import Ending, Mailboxes
+from .ratelimit import RateLimit
 from .session import Session
 
 log = logging.getLogger("packetstack.service")
@@ -258,6 +259,9 @@ class Service(Peer):
         if len(dispatcher.queue) > queued:
             dispatcher.wake()  # once per read, not once per packet
         self.mailboxes.hold_if_behind(link)
+        limit = session.rate_limit
+        if limit is not None and limit.spend(link, len(events)):
+            self.stats["rate_limited"] += 1
 
     def link_lost(self, link: Link, error: BaseException | None) -> None:
         self._links.discard(link)
@@ -327,6 +331,8 @@ class Service(Peer):
         ending = self.mailboxes.ending(hello.name)
         permissions = None if principal.unrestricted else Permissions(principal)
         session = Session(hello.name, link, dispatcher, ending, principal, permissions)
+        if cfg.rate_limit:
+            session.rate_limit = RateLimit(cfg.rate_limit, cfg.rate_burst)
         self._principal_sessions[principal.name] += 1
         self.endings[hello.name] = session
         self._sessions_by_link[link] = session
@@ -592,6 +598,42 @@ class Service(Peer):
         if waiter is not None and not mailboxes.is_outstanding(SERVICE_NAME, header.id):
             self._pending.resolve(header.id, None)
         return waiter
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything an operator looks at, as plain data: what ``packetstack status`` shows
+        and the metrics endpoint exports."""
+        mailboxes = self.mailboxes
+        endings = []
+        for name, ending in sorted(mailboxes.endings.items()):
+            session = self.endings.get(name)
+            endings.append(
+                {
+                    "name": name,
+                    "connected": session is not None,
+                    "principal": session.principal.name if session is not None else None,
+                    "peer": session.link.peer if session is not None else None,
+                    "stored": ending.stored,
+                    "stored_bytes": ending.stored_bytes,
+                    "in_flight": len(ending.inflight),
+                    "acked": ending.acked,
+                    "groups": sorted(ending.groups),
+                }
+            )
+        return {
+            "url": self.url,
+            "connections": len(self._links),
+            "endings": endings,
+            "groups": {group: sorted(names) for group, names in sorted(mailboxes.groups.items())},
+            "packets_in": self.packets_in,
+            "packets_out": self.packets_out,
+            "stats": dict(self.stats),
+            "store": {
+                "path": str(mailboxes.store.path),
+                "commits": mailboxes.store.commits,
+                "writes": mailboxes.store.writes,
+                "unsaved_rows": mailboxes.unsaved,
+            },
+        }
 
     def mailbox_depth(self, name: str) -> int:
         """Packets waiting for the ending ``name``, stored or sent and not yet handled."""

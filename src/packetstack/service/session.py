@@ -6,10 +6,19 @@ from ..dispatch import Dispatcher
 from ..transport import Link
 from .auth import Permissions, Principal
 from .mailboxes import Ending
+from .ratelimit import RateLimit
 
 
 class Session:
-    __slots__ = ("dispatcher", "ending", "link", "name", "permissions", "principal")
+    __slots__ = (
+        "dispatcher",
+        "ending",
+        "link",
+        "name",
+        "permissions",
+        "principal",
+        "rate_limit",
+    )
 
     def __init__(
         self,
@@ -27,6 +36,7 @@ class Session:
         self.principal = principal
         # None when the principal may send anywhere: the router then checks nothing.
         self.permissions = permissions
+        self.rate_limit: RateLimit | None = None
 
     def __repr__(self) -> str:
         return f"Session({self.name!r}, groups={sorted(self.ending.groups)})"
