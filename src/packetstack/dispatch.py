@@ -140,16 +140,17 @@ class Dispatcher:
     when they are back under QUEUE_LOW: the owner pauses and resumes reading its connection,
     so slow handlers cannot make the queue, and memory, grow without bound.
 
-    ``progress(seq)`` is told the sequence number of the last delivery whose handler has
-    finished: when the queue runs dry, and every PROGRESS_EVERY deliveries meanwhile (the
-    client acknowledges deliveries with it)."""
+    ``progress(seq, urgent)`` is told the sequence number of the last delivery whose
+    handler has finished: when the queue runs dry, every PROGRESS_EVERY deliveries
+    meanwhile, and (urgent) when a request is answered. The client acknowledges deliveries
+    with it."""
 
     def __init__(
         self,
         table: HandlerTable,
         send_reply: ReplySender,
         hold: Callable[[bool], None] | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, bool], None] | None = None,
     ) -> None:
         self._table = table
         self._send_reply = send_reply
@@ -232,8 +233,15 @@ class Dispatcher:
     def _report(self, seq: int) -> int:
         self.done_seq = seq
         if self._progress is not None:
-            self._progress(seq)
+            self._progress(seq, False)
         return seq
+
+    def _answered(self, ctx: Context) -> None:
+        """A request is done: acknowledge its delivery now, with its reply, so a crash
+        right after answering does not hand the request to the ending's next process."""
+        if ctx.seq and self._progress is not None:
+            self.done_seq = ctx.seq
+            self._progress(ctx.seq, True)
 
     def _release(self) -> None:
         self.held = False
@@ -259,6 +267,7 @@ class Dispatcher:
             )
             self._fail(ctx, ErrorCode.HANDLER_FAILED, wrong)
             return
+        self._answered(ctx)
         try:
             self._send_reply(header, result, None)
         except PayloadTooLarge as exc:
@@ -273,6 +282,7 @@ class Dispatcher:
     ) -> None:
         self.failed += 1
         if ctx.is_request:
+            self._answered(ctx)
             try:
                 self._send_reply(ctx.header, None, error_body(code, exc))
             except Exception:  # the requester is gone; nothing more to tell

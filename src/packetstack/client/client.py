@@ -55,6 +55,8 @@ DEFAULT_OUTBOX_LIMIT = 10_000
 # ack=True deliveries remembered by (sender, id), so a copy the sender resent after a service
 # restart (under a new sequence number) is recognised.
 RECENT_ACKED = 65_536
+# Seconds an acknowledgement of handled deliveries may wait to share its frame with later ones.
+ACK_DELAY = 0.002
 
 # Close codes after which reconnecting cannot help.
 _FINAL = {
@@ -121,6 +123,9 @@ class Client(Peer):
         self._epoch = ""  # the service store whose sequence numbers _delivered counts
         self._delivered = 0  # the highest sequence number taken for handling
         self.repeats_dropped = 0
+        self._ack_due = 0
+        self._last_ack = 0.0
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._recent: set[tuple[str, int]] = set()
         self._recent_order: deque[tuple[str, int]] = deque()
         self._closing = False
@@ -226,6 +231,9 @@ class Client(Peer):
     async def close(self) -> None:
         """Say goodbye and close; pending requests fail with ConnectionClosed."""
         self._closing = True
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._send_ack()  # handled deliveries are not redelivered to the next process
         if self._reconnector is not None:
             self._reconnector.cancel()
             self._reconnector = None
@@ -349,8 +357,29 @@ class Client(Peer):
 
     # ------------------------------------------------------- link callbacks
 
-    def _acknowledge(self, seq: int) -> None:
-        """Handlers are done with every delivery up to ``seq``: tell the service."""
+    def _acknowledge(self, seq: int, urgent: bool) -> None:
+        """Handlers are done with every delivery up to ``seq``: tell the service at once,
+        or, within ACK_DELAY of the last ACK frame, in one frame when it is over (a flood
+        of deliveries would otherwise cost a write per read). ``urgent``: now anyway."""
+        self._ack_due = seq
+        loop = asyncio.get_running_loop()
+        if urgent:
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+            self._send_ack()
+            return
+        if self._ack_timer is not None:
+            return
+        wait = self._last_ack + ACK_DELAY - loop.time()
+        if wait <= 0:
+            self._send_ack()
+        else:
+            self._ack_timer = loop.call_later(wait, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_timer = None
+        self._last_ack = asyncio.get_running_loop().time()
+        seq = self._ack_due
         link = self._link
         if link is not None and not link.closed and seq <= self._delivered:
             link.write(link.connection.ack_frame(seq))
