@@ -99,10 +99,21 @@ def spawn_script(
 
 class ServiceProcess:
     """``packetstack serve`` in a child process, its log in a file; ``start()`` again after
-    ``kill9()`` restarts it on the same port."""
+    ``kill9()`` restarts it on the same port. ``args`` go to ``packetstack`` before ``serve``
+    (``--log-format json``), ``serve_args`` after it (``--config FILE``)."""
 
-    def __init__(self, port: int, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        args: tuple[str, ...] = (),
+        serve_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port
+        self.args = args
+        self.serve_args = serve_args
         self.workdir = workdir
         self.env = clean_env() if env is None else env
         self.data_dir = workdir / "data"
@@ -119,7 +130,15 @@ class ServiceProcess:
         self.log_path = self.workdir / f"service-{self.starts}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                cli_command("serve", "--port", str(self.port), "--data-dir", str(self.data_dir)),
+                cli_command(
+                    *self.args,
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                    *self.serve_args,
+                ),
                 stdout=log,
                 stderr=log,
                 cwd=self.workdir,
@@ -440,3 +459,22 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+# ------------------------------------------------------ hostile raw endings
+
+
+async def raw_handshake(peer: RawPeer, name: str, token: str | None) -> None:
+    """``peer.handshake(name)`` with a token: send HELLO, wait for WELCOME."""
+    peer.send(peer.parser.hello_frame(Hello(1, name, token)))
+    await peer.welcomed(name=name)
+
+
+async def closed_by_service(peer: RawPeer, timeout: float) -> list[int]:
+    """Wait (at most ``timeout``, else the test fails) for the service to close ``peer``'s
+    connection; the CLOSE codes it sent."""
+    try:
+        await asyncio.wait_for(asyncio.shield(peer.lost), timeout)
+    except TimeoutError:
+        pytest.fail(f"the service kept the connection open for {timeout} s: {peer.events[-3:]}")
+    return peer.close_codes()

@@ -1,4 +1,4 @@
-"""Command line: ``packetstack serve | demo``."""
+"""Command line: ``packetstack serve | demo | config check | status``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .errors import ConfigError, PacketStackError, StoreError
+from .logs import LogFormat, setup_logging
 from .service import Service
 from .service.config import load
 from .transport import run
@@ -18,11 +19,16 @@ from .transport import run
 
 @click.group()
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING…")
-def main(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="text (the default) or json: one JSON object per line [serve: config log_format].",
+)
+@click.pass_context
+def main(ctx: click.Context, log_level: str, log_format: LogFormat | None) -> None:
     """PacketStack: typed packets between a service and a fleet of clients."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    ctx.obj = {"log_level": log_level, "log_format": log_format}
+    setup_logging(log_level, log_format or "text")
 
 
 @main.command()
@@ -42,6 +48,9 @@ def serve(config_file: str | None, **flags: Any) -> None:
     flags["tokens"] = list(flags["tokens"]) or None
     try:
         config = load(config_file, overrides=flags)
+        options = click.get_current_context().find_root().obj or {}
+        if options.get("log_format") is None and config.log_format != "text":
+            setup_logging(options.get("log_level", "INFO"), config.log_format)  # flag wins
         run(_serve(config))
     except (ConfigError, StoreError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
@@ -74,6 +83,49 @@ def demo(url: str | None, token: str | None) -> None:
     except PacketStackError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration files."""
+
+
+@config_group.command("check")
+@click.argument("file")
+def config_check(file: str) -> None:
+    """Validate a TOML config file: print every problem as FILE:LINE: problem and exit 1,
+    or print "ok: FILE" and what it configures. PACKETSTACK_* variables are not read."""
+    from .service.configcheck import check, summary
+
+    problems = check(file)
+    if problems:
+        for problem in problems:
+            click.echo(problem.format(file))
+        sys.exit(1)
+    click.echo(f"ok: {file}")
+    click.echo(summary(load(file, environ={})))
+
+
+@main.command()
+@click.option("--url", default="ps://127.0.0.1:7400", show_default=True, help="The service.")
+@click.option("--token", help="A token whose principal has admin = true.")
+@click.option("--watch", type=click.FloatRange(min=0.1), help="Refresh every SECONDS.")
+@click.option("--name", help="Ending name to connect as [status-<host>-<pid>].")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Rows per table.")
+def status(url: str, token: str | None, watch: float | None, name: str | None, **opts: Any) -> None:
+    """Show a running service: endings, groups, mailboxes, counters and store.
+
+    With --watch SECONDS the view refreshes until Ctrl-C. Needs an admin principal."""
+    from .status import StatusFailed, show_status
+
+    try:
+        run(show_status(url, token, watch=watch, name=name, **opts))
+    except StatusFailed as exc:
+        click.echo(f"error: {exc.cause}\nfix: {exc.fix}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass  # --watch ends with Ctrl-C
 
 
 if __name__ == "__main__":

@@ -217,6 +217,9 @@ class Dispatcher:
                         result = await result  # type: ignore[misc]
                 except asyncio.CancelledError:
                     raise
+                except PermissionDenied as exc:  # a refusal, not a failure: no traceback
+                    self._fail(ctx, ErrorCode.PERMISSION_DENIED, exc)
+                    continue
                 except Exception as exc:
                     log.exception("handler for %r from %r raised", header.tag, header.src)
                     self._fail(ctx, ErrorCode.HANDLER_FAILED, exc, logged=True)
@@ -294,7 +297,7 @@ class Dispatcher:
             hook(exc, ctx)
 
 
-def remote_error(body: bytes | memoryview) -> DeliveryError:
+def remote_error(body: bytes | memoryview) -> DeliveryError | PermissionDenied:
     """The exception a requester raises for an error reply."""
     try:
         err = _error_body_decoder.decode(body)
@@ -304,6 +307,8 @@ def remote_error(body: bytes | memoryview) -> DeliveryError:
         code = ErrorCode(err.code)
     except ValueError:
         code = ErrorCode.INTERNAL
+    if code == ErrorCode.PERMISSION_DENIED:
+        return PermissionDenied(err.message)  # the same type as every other denial
     return RemoteError(f"{err.type}: {err.message}", err.type, code)
 
 

@@ -15,10 +15,28 @@ from ..transport.endpoints import DEFAULT_PORT
 from .auth import Principal
 
 ENV_PREFIX = "PACKETSTACK_"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class SettingProblems(ConfigError):
+    """The checks of ServiceConfig that failed, all of them: ``problems`` lists each one
+    (naming its settings), the message joins them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Every service setting with its default. docs/CONFIGURATION.md describes each."""
+
+    def __repr__(self) -> str:
+        # Every setting but the secrets: configs end up in logs and tracebacks.
+        shown = {
+            name: ("<hidden>" if name == "tokens" and value else value)
+            for name, value in msgspec.structs.asdict(self).items()
+        }
+        return "ServiceConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -50,6 +68,11 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mailbox_overflow: Literal["reject", "drop-oldest"] = "reject"
     # The embedded store: NORMAL survives a process crash, FULL also a power loss.
     store_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    # Prometheus metrics over HTTP (GET /metrics); metrics_port 0: no metrics endpoint.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    # Log lines of `packetstack serve`: human text, or one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,6 +82,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             problems.append("mailbox_max_packets and mailbox_max_bytes must be at least 1")
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not between 0 and 65535")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port {self.metrics_port} is not between 0 and 65535")
         if self.heartbeat <= 0 or self.heartbeat_timeout < 2 * self.heartbeat:
             problems.append(
                 "heartbeat must be > 0 and heartbeat_timeout at least twice heartbeat "
@@ -85,7 +110,19 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together: set both or neither")
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise SettingProblems(problems)
+
+
+def exposure_problem(host: str, allow_open: bool, secured: bool) -> str | None:
+    """Why a service must not start: open (not ``secured`` by tokens or principals) on a
+    ``host`` beyond loopback without ``allow_open``. None when it may."""
+    if secured or allow_open or host in LOOPBACK:
+        return None
+    return (
+        f"no tokens or principals are configured and host {host!r} is not "
+        "loopback: anyone who reaches it could connect as anything. Configure "
+        "tokens or principals, or set allow_open = true to mean it"
+    )
 
 
 def _fields() -> dict[str, Any]:

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Awaitable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -50,11 +50,15 @@ from ..protocol import (
 )
 from ..storage import EmbeddedStore
 from ..transport import Link, server_ssl_context
+from .admin import install_admin
 from .auth import Gate, Permissions
-from .config import ServiceConfig, load
+from .config import LOOPBACK, ServiceConfig, exposure_problem, load
 from .mailboxes import Ending, Mailboxes
 from .ratelimit import RateLimit
 from .session import Session
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = logging.getLogger("packetstack.service")
 
@@ -65,6 +69,7 @@ _ENDING = int(Target.ENDING)
 _GROUP = int(Target.GROUP)
 _ALL = int(Target.ALL)
 _SERVICE = int(Target.SERVICE)
+OTHER_TAG = "$other"  # packets_in_by_tag: every tag past the first MAX_TAGS
 
 
 class Service(Peer):
@@ -76,6 +81,8 @@ class Service(Peer):
     old connection's heartbeat timeout). Packets for endings that are not connected wait in
     their mailboxes in the embedded store under ``data_dir`` (see service/mailboxes.py).
     """
+
+    MAX_TAGS = 256  # distinct tags counted in packets_in_by_tag; the rest as OTHER_TAG
 
     def __init__(
         self,
@@ -112,11 +119,14 @@ class Service(Peer):
         self._now = time.time()  # wall clock of the read being routed (expiry times)
         self.packets_in = 0
         self.packets_out = 0
+        self.packets_in_by_tag: dict[str, int] = {}
         self._links: set[Link] = set()
         self._sessions_by_link: dict[Link, Session] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self.port: int = cfg.port
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics: MetricsServer | None = None  # while serving /metrics (metrics_port)
+        install_admin(self)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -125,13 +135,10 @@ class Service(Peer):
 
     async def start(self) -> None:
         cfg = self.config
-        loopback = cfg.host in ("127.0.0.1", "::1", "localhost")
-        if self._gate.open and not loopback and not cfg.allow_open:
-            raise ConfigError(
-                f"no tokens or principals are configured and host {cfg.host!r} is not "
-                "loopback: anyone who reaches it could connect as anything. Configure "
-                "tokens or principals, or set allow_open = true to mean it"
-            )
+        loopback = cfg.host in LOOPBACK
+        exposure = exposure_problem(cfg.host, cfg.allow_open, not self._gate.open)
+        if exposure is not None:
+            raise ConfigError(exposure)
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         await self.mailboxes.open()
         loop = asyncio.get_running_loop()
@@ -160,6 +167,11 @@ class Service(Peer):
             )
         else:
             log.info("%d principals may connect", len(self._gate.principals))
+        if cfg.metrics_port:
+            from .metrics import MetricsServer  # prometheus_client: imported only when on
+
+            self.metrics = MetricsServer(self)
+            await self.metrics.start(cfg.metrics_host, cfg.metrics_port)
 
     @property
     def url(self) -> str:
@@ -168,6 +180,9 @@ class Service(Peer):
 
     async def close(self) -> None:
         """Stop listening, say goodbye to every ending (GOING_AWAY) and wait for them."""
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         for server in self._servers:
             server.close()
         for link in list(self._links):
@@ -265,6 +280,8 @@ class Service(Peer):
 
     def link_lost(self, link: Link, error: BaseException | None) -> None:
         self._links.discard(link)
+        if link.close_code in (CloseCode.PROTOCOL_ERROR, CloseCode.FRAME_TOO_LARGE):
+            self.stats["protocol_errors"] += 1
         session = self._sessions_by_link.pop(link, None)
         if session is None:
             return
@@ -310,18 +327,21 @@ class Service(Peer):
                 f"principal {principal.name!r} may not connect as {hello.name!r}",
             )
             return None
+        previous = self.endings.get(hello.name)
+        # A reconnect replaces its previous session: that one does not count against the limit.
+        replaces = previous is not None and previous.principal is principal
         limit = principal.max_connections
-        if limit and self._principal_sessions[principal.name] >= limit:
+        if limit and self._principal_sessions[principal.name] - replaces >= limit:
             self.stats["connections_refused"] += 1
             link.close(
                 CloseCode.TOO_MANY_CONNECTIONS,
                 f"principal {principal.name!r} is at its limit of {limit} connections",
             )
             return None
-        previous = self.endings.get(hello.name)
         if previous is not None:
             self.stats["replaced"] += 1
             log.info("ending %r reconnected; replacing its previous session", hello.name)
+            self._principal_sessions[previous.principal.name] -= 1
             self._sessions_by_link.pop(previous.link, None)
             previous.link.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._stop_dispatcher(previous)
@@ -398,9 +418,13 @@ class Service(Peer):
             )
             return
         self.packets_in += 1
+        try:
+            self.packets_in_by_tag[header.tag] += 1
+        except KeyError:
+            self._new_tag(header.tag)
         if (
             session.permissions is not None
-            and not header.flags & _REPLY
+            and not (header.flags & _REPLY and header.target == _ENDING)  # replies go back
             and not self._permitted(session, header)
         ):
             return
@@ -451,6 +475,13 @@ class Service(Peer):
         if flags & _ACK and not self.mailboxes.is_outstanding(header.src, header.id):
             # Nobody to deliver to (an empty group) or refused: answered already or now.
             session.link.write(session.link.connection.ack_frame(header.id))
+
+    def _new_tag(self, tag: str) -> None:
+        counts = self.packets_in_by_tag
+        if len(counts) < self.MAX_TAGS:
+            counts[tag] = 1
+        else:
+            counts[OTHER_TAG] = counts.get(OTHER_TAG, 0) + 1
 
     def _new_ending(self, session: Session, header: PacketHeader) -> Ending | None:
         """The first packet for a name: a mailbox for it, if an ending can have the name."""
@@ -615,6 +646,7 @@ class Service(Peer):
                     "stored": ending.stored,
                     "stored_bytes": ending.stored_bytes,
                     "in_flight": len(ending.inflight),
+                    "depth": mailboxes.depth(name),
                     "acked": ending.acked,
                     "groups": sorted(ending.groups),
                 }
@@ -626,6 +658,7 @@ class Service(Peer):
             "groups": {group: sorted(names) for group, names in sorted(mailboxes.groups.items())},
             "packets_in": self.packets_in,
             "packets_out": self.packets_out,
+            "packets_in_by_tag": dict(self.packets_in_by_tag),
             "stats": dict(self.stats),
             "store": {
                 "path": str(mailboxes.store.path),

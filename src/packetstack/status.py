@@ -1,0 +1,280 @@
+"""``packetstack status``: a readable view of a running service, once or live.
+
+The command connects as an ending (``status-<host>-<pid>``), asks the service for its
+snapshot (the ``$status`` request, service/admin.py) and prints it as rich tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import time
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .client import Client
+from .errors import (
+    AuthenticationFailed,
+    ConfigError,
+    ConnectionFailed,
+    ErrorCode,
+    HandshakeRefused,
+    PacketStackError,
+    PermissionDenied,
+    RemoteError,
+    RequestTimeout,
+)
+from .service.admin import Status, StatusReport
+
+
+class StatusFailed(PacketStackError):
+    """``packetstack status`` could not get the snapshot: ``cause`` and ``fix`` say why."""
+
+    def __init__(self, cause: str, fix: str, exit_code: int = 1) -> None:
+        super().__init__(f"{cause}\nfix: {fix}")
+        self.cause = cause
+        self.fix = fix
+        self.exit_code = exit_code
+
+
+def default_name() -> str:
+    return f"status-{socket.gethostname()[:64]}-{os.getpid()}"
+
+
+async def show_status(
+    url: str,
+    token: str | None,
+    *,
+    watch: float | None = None,
+    name: str | None = None,
+    timeout: float = 3.0,
+    limit: int = 100,
+    console: Console | None = None,
+) -> None:
+    """Print the service's status once, or every ``watch`` seconds until SIGINT
+    (KeyboardInterrupt) or SIGTERM. Raises StatusFailed with the cause and the fix."""
+    console = console or Console()
+    logging.getLogger("packetstack.client").setLevel(logging.WARNING)  # not "connected"
+    connected = False
+    try:
+        client = Client(
+            name or default_name(),
+            url,
+            token=token,
+            reconnect=False,
+            connect_timeout=timeout,
+            request_timeout=timeout,
+        )
+        async with client:
+            connected = True
+            if watch is None:
+                console.print(render(await _ask(client), limit))
+                return
+            # On a terminal the view is redrawn in place; otherwise each one is printed.
+            live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            with live or contextlib.nullcontext():
+                while not stop.is_set():
+                    view = render(await _ask(client), limit, watch)
+                    if live is not None:
+                        live.update(view, refresh=True)
+                    else:
+                        console.print(view)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), watch)
+    except PacketStackError as exc:
+        raise _explain(exc, url, connected) from exc
+
+
+async def _ask(client: Client) -> dict[str, Any]:
+    report: StatusReport = await client.request("service", Status())
+    return report.snapshot
+
+
+def _explain(exc: PacketStackError, url: str, connected: bool) -> StatusFailed:
+    """The cause of ``exc`` (raised before or after the handshake: ``connected``) and what
+    to do about it."""
+    denied = isinstance(exc, PermissionDenied)
+    if denied and connected:  # the status request itself
+        return StatusFailed(
+            f"PermissionDenied: {str(exc).removeprefix('PermissionDenied: ')}",
+            "pass --token with an operator token (the service's tokens) or the token of a "
+            "principal that has admin = true",
+        )
+    if denied:  # the handshake: the principal may not claim this name
+        return StatusFailed(
+            f"PermissionDenied: {exc}",
+            'allow the principal to connect under this name (endings = ["status-*"] in its '
+            "[[service.principals]] entry) or choose an allowed name with --name",
+        )
+    if isinstance(exc, RemoteError) and exc.code in (
+        ErrorCode.NO_HANDLER,
+        ErrorCode.UNKNOWN_PACKET_TYPE,
+    ):
+        return StatusFailed(
+            f"the service at {url} does not answer status requests: {exc}",
+            "upgrade the service to a PacketStack version with `packetstack status`",
+        )
+    if isinstance(exc, AuthenticationFailed):
+        return StatusFailed(
+            f"authentication failed: {exc}",
+            "pass --token with one of the service's tokens (or a principal's token)",
+        )
+    if isinstance(exc, HandshakeRefused):
+        return StatusFailed(f"the service refused the connection: {exc}", "see the message")
+    if isinstance(exc, ConnectionFailed):
+        return StatusFailed(
+            str(exc),
+            f"start the service (packetstack serve) or check --url {url} "
+            "(ps:// or pss://, host and port)",
+        )
+    if isinstance(exc, RequestTimeout):
+        return StatusFailed(
+            f"the service at {url} did not answer: {exc}",
+            "check that the service is not overloaded, or raise --timeout",
+        )
+    if isinstance(exc, ConfigError):
+        return StatusFailed(str(exc), "check --url, --name and --token", exit_code=2)
+    return StatusFailed(f"{type(exc).__name__}: {exc}", "see the service's log")
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def render(snapshot: dict[str, Any], limit: int = 100, every: float | None = None) -> Group:
+    """The snapshot as rich tables: overview, endings, groups, mailboxes, counters, store."""
+    endings: list[dict[str, Any]] = snapshot["endings"]
+    connected = sum(1 for ending in endings if ending["connected"])
+    when = time.strftime("%H:%M:%S")
+    heading = Text.assemble(
+        ("PacketStack service ", "bold"),
+        (snapshot["url"], "bold cyan"),
+        f"  at {when}",
+        f" (every {every:g} s, Ctrl-C to stop)" if every is not None else "",
+        f"\n{snapshot['connections']} connections, {connected} of {len(endings)} endings "
+        f"connected, {len(snapshot['groups'])} groups, packets in {snapshot['packets_in']:,}, "
+        f"out {snapshot['packets_out']:,}",
+    )
+    return Group(
+        heading,
+        _endings(endings, limit),
+        _groups(snapshot["groups"], limit),
+        _mailboxes(endings, limit),
+        _counters(snapshot),
+        _store(snapshot["store"]),
+    )
+
+
+def _table(title: str, *columns: str, shown: int = 0, total: int = 0) -> Table:
+    caption = f"first {shown} of {total}" if shown < total else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for column in columns:
+        numeric = column in ("depth", "in flight", "stored", "bytes", "acked", "members", "count")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    return table
+
+
+def _endings(endings: list[dict[str, Any]], limit: int) -> Table:
+    table = _table(
+        "Endings",
+        "ending",
+        "connected",
+        "principal",
+        "peer",
+        "depth",
+        "in flight",
+        "groups",
+        shown=min(limit, len(endings)),
+        total=len(endings),
+    )
+    for ending in endings[:limit]:
+        table.add_row(
+            ending["name"],
+            "[green]yes[/]" if ending["connected"] else "[dim]no[/]",
+            ending["principal"] or "",
+            _peer(ending["peer"]),
+            str(ending["depth"]),
+            str(ending["in_flight"]),
+            ", ".join(ending["groups"]),
+        )
+    return table
+
+
+def _peer(peer: str | None) -> str:
+    """``('10.0.0.5', 51234)`` as ``10.0.0.5:51234``; anything else as it is."""
+    if peer is None:
+        return ""
+    found = re.fullmatch(r"\('([^']*)', (\d+)(?:, \d+, \d+)?\)", peer)
+    if found is None:
+        return peer
+    host = f"[{found[1]}]" if ":" in found[1] else found[1]
+    return f"{host}:{found[2]}"
+
+
+def _groups(groups: dict[str, list[str]], limit: int) -> RenderableType:
+    if not groups:
+        return Text("Groups: none", style="italic")
+    table = _table(
+        "Groups", "group", "members", "names", shown=min(limit, len(groups)), total=len(groups)
+    )
+    for group, names in list(groups.items())[:limit]:
+        more = f" … and {len(names) - 20} more" if len(names) > 20 else ""
+        table.add_row(group, str(len(names)), ", ".join(names[:20]) + more)
+    return table
+
+
+def _mailboxes(endings: list[dict[str, Any]], limit: int) -> RenderableType:
+    waiting = sorted((e for e in endings if e["depth"]), key=lambda e: (-e["depth"], e["name"]))
+    if not waiting:
+        return Text("Mailboxes: all empty", style="italic")
+    table = _table(
+        "Mailboxes (non-empty, deepest first)",
+        "ending",
+        "depth",
+        "stored",
+        "bytes",
+        "in flight",
+        "acked",
+        shown=min(limit, len(waiting)),
+        total=len(waiting),
+    )
+    for ending in waiting[:limit]:
+        table.add_row(
+            ending["name"],
+            str(ending["depth"]),
+            str(ending["stored"]),
+            f"{ending['stored_bytes']:,}",
+            str(ending["in_flight"]),
+            str(ending["acked"]),
+        )
+    return table
+
+
+def _counters(snapshot: dict[str, Any]) -> Table:
+    table = _table("Counters", "counter", "count")
+    table.add_row("packets_in", f"{snapshot['packets_in']:,}")
+    table.add_row("packets_out", f"{snapshot['packets_out']:,}")
+    for key, count in sorted(snapshot["stats"].items()):
+        table.add_row(key, f"{count:,}")
+    by_tag = sorted(snapshot["packets_in_by_tag"].items(), key=lambda item: -item[1])
+    for tag, count in by_tag[:10]:
+        table.add_row(f"packets_in tag {tag}", f"{count:,}")
+    return table
+
+
+def _store(store: dict[str, Any]) -> Table:
+    table = _table("Store", "path", "commits", "writes", "unsaved rows")
+    table.add_row(
+        store["path"], f"{store['commits']:,}", f"{store['writes']:,}", str(store["unsaved_rows"])
+    )
+    return table

@@ -1,0 +1,265 @@
+"""``packetstack status`` and ``--log-format json`` against a real ``packetstack serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from support import ServiceProcess, clean_env, cli_command, free_port, service_env
+
+from packetstack import Client, Packet
+from packetstack.errors import AuthenticationFailed
+from packetstack.logs import JsonFormatter
+
+pytestmark = pytest.mark.timeout(90)
+
+OPS_TOKEN = "ops-0f3c9a8e77d2"
+APP_TOKEN = "app-5b1e4c0d92aa"
+WATCHER_TOKEN = "watcher-77c1d0e3b5f4"
+PRINCIPALS = f"""
+[service]
+heartbeat = 1.0
+heartbeat_timeout = 3.0
+
+[[service.principals]]
+name = "ops"
+token = "{OPS_TOKEN}"
+admin = true
+
+[[service.principals]]
+name = "app"
+token = "{APP_TOKEN}"
+
+[[service.principals]]
+name = "watcher"
+token = "{WATCHER_TOKEN}"
+endings = ["watch-*"]
+admin = true
+"""
+
+
+class StatusNote(Packet):
+    packet_tag: ClassVar[str] = "tests.status.Note"
+    n: int
+
+
+@pytest.fixture
+def services() -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+async def serve(
+    tmp_path: Path, services: list[ServiceProcess], *args: str, **settings: object
+) -> ServiceProcess:
+    """A ``packetstack serve`` child with the principals above (``packetstack ARGS serve``)."""
+    config = tmp_path / "packetstack.toml"
+    config.write_text(PRINCIPALS)
+    service = ServiceProcess(
+        free_port(),
+        tmp_path,
+        service_env(**settings),
+        args=args,
+        serve_args=("--config", str(config)),
+    )
+    services.append(service)
+    service.start()
+    await service.wait_listening()
+    return service
+
+
+async def status(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    """Run ``packetstack status ARGS`` without blocking the loop: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command("status", *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(COLUMNS="200"),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    made: list[Client] = []
+    yield made
+    for client in made:
+        await client.close()
+
+
+async def test_status_shows_endings_groups_and_mailboxes(
+    tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
+) -> None:
+    service = await serve(tmp_path, services)
+    worker = Client("worker-1", service.url, token=APP_TOKEN)
+    clients.append(worker)
+    await worker.connect()
+    await worker.join("crew")
+    for n in range(3):
+        await worker.send("parked", StatusNote(n), ack=True)
+
+    code, out, err = await status("--url", service.url, "--token", OPS_TOKEN)
+
+    assert code == 0, err
+    assert f"PacketStack service {service.url}" in out
+    lines = out.splitlines()
+    row = next(line for line in lines if "worker-1" in line and "app" in line)
+    assert "yes" in row and "crew" in row and "127.0.0.1:" in row
+    assert any("parked" in line and "no" in line for line in lines)
+    # The admin's own session shows too, under its principal.
+    assert any("status-" in line and "ops" in line and "yes" in line for line in lines)
+    assert any("crew" in line and "worker-1" in line and "1" in line for line in lines)
+    mailbox = [line for line in lines if "parked" in line][-1]
+    assert mailbox.split("│")[2].strip() == "3"  # Mailboxes: ending, depth 3, ...
+    assert "mailbox_stored" in out
+    assert "packetstack.db" in out
+    assert "connected to" not in err  # the status client's own INFO lines are quiet
+
+
+async def test_status_refused_for_a_principal_without_admin(
+    tmp_path: Path, services: list[ServiceProcess]
+) -> None:
+    service = await serve(tmp_path, services)
+
+    code, out, err = await status("--url", service.url, "--token", APP_TOKEN)
+
+    assert code == 1
+    assert out == ""
+    assert "error: PermissionDenied: principal 'app' may not ask for the service's status" in err
+    assert "fix: pass --token with an operator token" in err and "admin = true" in err
+    assert APP_TOKEN not in err
+
+    code, out, _ = await status("--url", service.url, "--token", OPS_TOKEN)
+    assert code == 0
+    row = next(line for line in out.splitlines() if "permission_denied" in line)
+    assert row.split("│")[2].strip() == "1"  # the refusal was counted
+
+
+async def test_status_errors_name_the_cause_and_the_fix(
+    tmp_path: Path, services: list[ServiceProcess]
+) -> None:
+    service = await serve(tmp_path, services)
+
+    code, _, err = await status("--url", service.url, "--token", "wrong-token")
+    assert code == 1
+    assert "error: authentication failed" in err
+    assert "fix: pass --token" in err
+
+    code, _, err = await status("--url", f"ps://127.0.0.1:{free_port()}", "--timeout", "0.5")
+    assert code == 1
+    assert "error: cannot reach the service" in err
+    assert "fix: start the service" in err
+
+    # An admin that may not claim status-* names: the fix says so, and --name helps.
+    code, _, err = await status("--url", service.url, "--token", WATCHER_TOKEN)
+    assert code == 1
+    assert "principal 'watcher' may not connect as 'status-" in err
+    assert "--name" in err
+    args = ("--url", service.url, "--token", WATCHER_TOKEN, "--name", "watch-1")
+    code, out, err = await status(*args)
+    assert code == 0, err
+    assert any("watch-1" in line and "watcher" in line for line in out.splitlines())
+
+    code, _, err = await status("--url", "http://127.0.0.1:1")
+    assert code == 2
+    assert "error: " in err and "fix: " in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_status_watch_refreshes_until_interrupted(
+    tmp_path: Path, services: list[ServiceProcess], signum: int
+) -> None:
+    service = await serve(tmp_path, services)
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command("status", "--url", service.url, "--token", OPS_TOKEN, "--watch", "0.2"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(COLUMNS="200"),
+    )
+    await asyncio.sleep(1.5)
+    assert proc.returncode is None, "status --watch ended by itself"
+    proc.send_signal(signum)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    views = out.decode().count("every 0.2 s, Ctrl-C to stop")  # printed one after another
+    assert views >= 3, out.decode()  # (not a terminal)
+    assert "status-" in out.decode()
+
+
+# ------------------------------------------------------------------ JSON logs
+
+
+def json_lines(text: str) -> list[dict[str, str]]:
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for entry in entries:
+        assert {"time", "level", "logger", "message"} <= entry.keys(), entry
+    return entries
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+async def test_json_logs_parse_line_by_line_without_tokens(
+    tmp_path: Path, services: list[ServiceProcess], how: str
+) -> None:
+    if how == "flag":
+        service = await serve(tmp_path, services, "--log-format", "json")
+    else:
+        service = await serve(tmp_path, services, log_format="json")
+    with pytest.raises(AuthenticationFailed):
+        async with Client("intruder", service.url, token="not-" + OPS_TOKEN, reconnect=False):
+            pass
+    async with Client("worker-1", service.url, token=APP_TOKEN):
+        pass
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(timeout=20) == 0
+
+    text = service.log()
+    entries = json_lines(text)
+    messages = [entry["message"] for entry in entries]
+    assert any(m.startswith("listening on ps://127.0.0.1:") for m in messages)
+    assert any("refused 'intruder'" in m for m in messages)
+    assert any("ending 'worker-1' joined" in m for m in messages)
+    assert messages[-1] == "stopped"
+    assert {entry["logger"] for entry in entries} >= {"packetstack.service"}
+    assert OPS_TOKEN not in text and APP_TOKEN not in text
+
+
+def test_json_formatter_carries_the_exception() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("x").makeRecord(
+            "x", logging.ERROR, __file__, 1, "failed %d", (3,), sys.exc_info()
+        )
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "failed 3"
+    assert entry["level"] == "ERROR"
+    assert entry["logger"] == "x"
+    assert entry["time"].endswith("+00:00")
+    assert "ValueError: boom" in entry["exception"]
+    assert "\n" not in JsonFormatter().format(record)
+
+
+def test_log_format_flag_is_checked(tmp_path: Path) -> None:
+    result = subprocess.run(
+        cli_command("--log-format", "xml", "serve"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=clean_env(),
+    )
+    assert result.returncode == 2
+    assert "'xml' is not one of 'text', 'json'" in result.stderr
