@@ -245,7 +245,7 @@ def test_principal_problems_each_at_its_line() -> None:
         (7, "principal 'a': endings: Expected `array`, got `str`"),
         (8, "principal 'a': unknown key 'sned' (did you mean 'send'?)"),
         (10, "principal #2 has no name"),
-        (10, "principal #2 has no token"),
+        (10, "principal #2 has no token or certificate"),
         (13, "principal 'a': another principal has that name (line 4)"),
         (16, "principal 'a': unknown key 'colour'"),
     ]
@@ -255,7 +255,7 @@ def test_principal_problems_each_at_its_line() -> None:
 def test_inline_principals_are_located_too() -> None:
     problems = check_text('principals = [\n  {name = "a"},\n  {token = "t", nmae = "b"},\n]\n')
     assert [(p.line, p.message) for p in problems] == [
-        (2, "principal 'a' has no token"),
+        (2, "principal 'a' has no token or certificate"),
         (3, "principal #2: unknown key 'nmae' (did you mean 'name'?)"),
         (3, "principal #2 has no name"),
     ]

@@ -16,6 +16,7 @@ from ..dispatch import HANDLERS, REPEAT_TAG, Dispatcher, service_error
 from ..errors import (
     AuthenticationFailed,
     CloseCode,
+    ConfigError,
     ConnectionClosed,
     ConnectionFailed,
     HandshakeRefused,
@@ -80,6 +81,10 @@ class Client(Peer):
     Deliveries carry the service's sequence number for this ending: the client handles
     each once, in order, and acknowledges them after their handlers ran, so the service
     redelivers exactly what was not handled when a connection breaks.
+
+    For ``pss://`` it trusts the system's CAs or only ``cafile``; with ``certfile`` (and
+    ``keyfile`` unless the key is in that file) it presents a client certificate to a
+    service that asks for one (mutual TLS). ``ssl_context`` replaces all of them.
     """
 
     def __init__(
@@ -90,6 +95,8 @@ class Client(Peer):
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
         reconnect: bool = True,
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
@@ -100,8 +107,12 @@ class Client(Peer):
         check_name(name)
         super().__init__(name, request_timeout)
         self.endpoint = parse_url(url)
+        if ssl_context is not None and (certfile or keyfile):
+            raise ConfigError("give either ssl_context or certfile/keyfile, not both")
+        if keyfile is not None and certfile is None:
+            raise ConfigError("keyfile needs certfile: the client certificate it belongs to")
         if self.endpoint.tls and ssl_context is None:
-            ssl_context = client_ssl_context(cafile)
+            ssl_context = client_ssl_context(cafile, certfile, keyfile)
         self._ssl = ssl_context
         self._token = token
         self.reconnect = reconnect

@@ -1,18 +1,19 @@
 """Who may connect and what they may do: principals, their tokens and their ACLs.
 
-A token maps to a principal; a principal's ACL lists, as shell-style patterns (``worker-*``),
-the ending names it may claim, the endings it may send to, the groups it may publish to and
-join, the grid maps it may read and write, and whether it may broadcast, flush or
-administer. A service configured with neither ``tokens`` nor ``principals`` is open: one
-anonymous principal may do everything (and the service refuses to listen beyond loopback
-unless ``allow_open`` says so).
+A token, or a verified TLS client certificate whose subject commonName matches a
+principal's ``certificate`` pattern, maps to a principal; a principal's ACL lists, as
+shell-style patterns (``worker-*``), the ending names it may claim, the endings it may send
+to, the groups it may publish to and join, the grid maps it may read and write, and whether
+it may broadcast, flush or administer. A service configured with neither ``tokens`` nor
+``principals`` is open: one anonymous principal may do everything (and the service refuses
+to listen beyond loopback unless ``allow_open`` says so).
 """
 
 from __future__ import annotations
 
 import hmac
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -30,6 +31,8 @@ class Principal(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_d
 
     name: str
     token: str = msgspec.field(default="")  # the secret; never logged or shown
+    # A pattern for the commonName of a verified client certificate (mutual TLS).
+    certificate: str = ""
     endings: list[str] = msgspec.field(default_factory=_anything)  # ending names it may connect as
     send: list[str] = msgspec.field(
         default_factory=_anything
@@ -70,27 +73,69 @@ _FIELDS: dict[str, str] = {
 ANONYMOUS = Principal(name="anonymous", flush=True, admin=True)
 
 
+class Refused(Exception):
+    """A client the gate lets not in; the message says why (no secret in it)."""
+
+
+def common_name(peercert: Any) -> str | None:
+    """The subject commonName of a verified peer certificate (``getpeercert()``), None when
+    there is none, it was not verified (an empty dict) or it has several."""
+    if not peercert:
+        return None
+    names = [
+        value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"
+    ]
+    return names[0] if len(names) == 1 else None
+
+
 class Gate:
-    """Finds the principal of a token, comparing in constant time."""
+    """Finds the principal of a client certificate's commonName or of a token, comparing
+    tokens in constant time."""
 
     def __init__(self, tokens: list[str], principals: list[Principal]) -> None:
         # A bare token is an operator's: everything allowed.
-        self._by_token: list[tuple[bytes, Principal]] = [
-            (token.encode(), Principal(name=f"token-{i + 1}", token=token, flush=True, admin=True))
+        self.principals = [
+            Principal(name=f"token-{i + 1}", token=token, flush=True, admin=True)
             for i, token in enumerate(tokens)
-        ]
-        self._by_token += [(p.token.encode(), p) for p in principals]
-        self.principals = [p for _, p in self._by_token]
+        ] + list(principals)
+        self._by_token = [(p.token.encode(), p) for p in self.principals if p.token]
+        self._by_certificate = [p for p in self.principals if p.certificate]
 
     @property
     def open(self) -> bool:
-        return not self._by_token
+        return not self.principals
 
-    def principal(self, token: str | None) -> Principal | None:
-        """The principal ``token`` belongs to; None for a wrong or missing token."""
-        if not self._by_token:
+    def principal(self, token: str | None, certificate: str | None = None) -> Principal:
+        """The principal of a client that sent ``token`` and presented a verified certificate
+        with the commonName ``certificate``. The first principal whose pattern matches the
+        commonName is its; a token, when given, must name a principal, and the same one.
+        Raises Refused otherwise."""
+        if not self.principals:
             return ANONYMOUS
-        given = (token or "").encode()
+        by_token = self._token_principal(token) if token else None
+        if token and by_token is None:
+            raise Refused("wrong or missing token")
+        by_certificate = next(
+            (
+                p
+                for p in self._by_certificate
+                if certificate is not None and fnmatchcase(certificate, p.certificate)
+            ),
+            None,
+        )
+        if by_certificate is not None and by_token is not None and by_token is not by_certificate:
+            raise Refused("certificate and token name different principals")
+        found = by_certificate or by_token
+        if found is None:
+            raise Refused(
+                "wrong or missing token"
+                if certificate is None
+                else f"no principal for certificate {certificate!r} and no token"
+            )
+        return found
+
+    def _token_principal(self, token: str) -> Principal | None:
+        given = token.encode()
         found: Principal | None = None
         # Compare against every token so timing says nothing about which one is close.
         for expected, principal in self._by_token:

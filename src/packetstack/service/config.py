@@ -52,6 +52,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_burst: int = 0  # 0: one second's worth
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Mutual TLS: ask TLS clients for a certificate signed by this CA bundle (PEM); its
+    # commonName maps to the principal whose ``certificate`` pattern it matches.
+    tls_client_ca: str | None = None
+    tls_client_cert_required: bool = False  # refuse TLS clients without a certificate
     heartbeat: float = 5.0
     heartbeat_timeout: float = 15.0
     handshake_timeout: float = 10.0
@@ -95,9 +99,11 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             problems.append("max_payload must be at least chunk_size")
         if self.low_water > self.high_water:
             problems.append("low_water must not exceed high_water")
-        tokens = [p.token for p in self.principals] + self.tokens
-        if any(not token for token in tokens):
-            problems.append("every principal needs a non-empty token")
+        if any(not token for token in self.tokens):
+            problems.append("every entry of tokens must be non-empty")
+        if any(not (p.token or p.certificate) for p in self.principals):
+            problems.append("every principal needs a token, a certificate pattern or both")
+        tokens = [p.token for p in self.principals if p.token] + self.tokens
         if len(set(tokens)) != len(tokens):
             problems.append("two principals (or tokens) share a token")
         names = [p.name for p in self.principals]
@@ -109,6 +115,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             problems.append("max_connections must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
+        if self.tls_client_cert_required and self.tls_client_ca is None:
+            problems.append("tls_client_cert_required needs tls_client_ca to verify them with")
         if problems:
             raise SettingProblems(problems)
 

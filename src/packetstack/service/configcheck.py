@@ -258,6 +258,7 @@ class _Checker:
                 bad.add(key)
         principals = section.get("principals")
         self._tokens(base, good, principals)
+        self._certificates(base, section, principals)
         config = self._settings(base, good, bad)
         if config is not None and bad.isdisjoint({"tokens", "principals"}):
             exposure = exposure_problem(
@@ -307,12 +308,13 @@ class _Checker:
                 self.at(entry_path, f"{label}: another principal has that name{where}")
             elif isinstance(name, str):
                 names[name] = index
-            if "token" not in entry:
-                self.at(entry_path, f"{label} has no token")
+            if "token" not in entry and "certificate" not in entry:
+                self.at(entry_path, f"{label} has no token or certificate")
         return len(self.problems) == count
 
     def _tokens(self, base: Key, good: dict[str, Any], principals: Any) -> None:
-        """Every token non-empty and used once, whether bare or a principal's."""
+        """Every token non-empty and used once, whether bare or a principal's (a principal
+        with a certificate pattern may leave its token empty)."""
         seen: dict[str, str] = {}
         owners: list[tuple[Key, str, Any]] = [
             ((*base, "tokens", i), f"tokens[{i}]", token)
@@ -320,7 +322,8 @@ class _Checker:
         ]
         if isinstance(principals, list):
             for i, entry in enumerate(principals):
-                if isinstance(entry, dict) and "token" in entry:
+                # An empty token is fine beside a certificate pattern: that one identifies.
+                if isinstance(entry, dict) and "token" in entry and not entry.get("certificate"):
                     path = (*base, "principals", i, "token")
                     owners.append((path, _label(entry, i), entry["token"]))
         for path, label, token in owners:
@@ -333,6 +336,18 @@ class _Checker:
             else:
                 line = self.lines.get(path)
                 seen[token] = f"{label} (line {line})" if line else label
+
+    def _certificates(self, base: Key, section: dict[str, Any], principals: Any) -> None:
+        """Certificate patterns need a service that asks for client certificates."""
+        if "tls_client_ca" in section or not isinstance(principals, list):
+            return
+        for i, entry in enumerate(principals):
+            if isinstance(entry, dict) and entry.get("certificate"):
+                self.at(
+                    (*base, "principals", i, "certificate"),
+                    f"{_label(entry, i)}: its certificate pattern can match nothing: the "
+                    "service asks for client certificates only with tls_client_ca",
+                )
 
     def _settings(self, base: Key, good: dict[str, Any], bad: set[str]) -> ServiceConfig | None:
         """ServiceConfig's own checks, each at the line of the setting it names first
@@ -409,6 +424,9 @@ def summary(config: ServiceConfig) -> str:
         else "none, open" + (" (allow_open)" if config.allow_open else "")
     )
     tls = "on" if config.tls_cert else "off"
+    if config.tls_client_ca is not None:
+        asked = "required" if config.tls_client_cert_required else "optional"
+        tls += f" (client certificates {asked})"
     return (
         f"listeners: {', '.join(listeners)}; principals: {who}; TLS: {tls}; "
         f"data_dir: {config.data_dir}"

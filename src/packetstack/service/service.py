@@ -51,7 +51,7 @@ from ..protocol import (
 from ..storage import EmbeddedStore
 from ..transport import Link, server_ssl_context
 from .admin import install_admin
-from .auth import Gate, Permissions
+from .auth import Gate, Permissions, Refused, common_name
 from .config import LOOPBACK, ServiceConfig, exposure_problem, load
 from .mailboxes import Ending, Mailboxes
 from .ratelimit import RateLimit
@@ -107,7 +107,9 @@ class Service(Peer):
         super().__init__(SERVICE_NAME, self.config.request_timeout)
         cfg = self.config
         if ssl_context is None and cfg.tls_cert is not None:
-            ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key)
+            ssl_context = server_ssl_context(
+                cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.tls_client_cert_required
+            )
         self._ssl = ssl_context
         self._gate = Gate(cfg.tokens, cfg.principals)
         self._principal_sessions: Counter[str] = Counter()
@@ -167,6 +169,14 @@ class Service(Peer):
             )
         else:
             log.info("%d principals may connect", len(self._gate.principals))
+        if self._ssl is None or self._ssl.verify_mode == ssl.CERT_NONE:
+            for principal in self._gate.principals:
+                if principal.certificate:
+                    log.warning(
+                        "principal %r: its certificate pattern can match nothing: the "
+                        "service asks for no client certificates (set tls_client_ca)",
+                        principal.name,
+                    )
         if cfg.metrics_port:
             from .metrics import MetricsServer  # prometheus_client: imported only when on
 
@@ -310,11 +320,12 @@ class Service(Peer):
                 f"{PROTOCOL_VERSION}",
             )
             return None
-        principal = self._gate.principal(hello.token)
-        if principal is None:
+        try:
+            principal = self._gate.principal(hello.token, common_name(link.peercert))
+        except Refused as refused:
             self.stats["auth_failures"] += 1
-            log.warning("refused %r from %s: wrong or missing token", hello.name, link.peer)
-            link.close(CloseCode.AUTH_FAILED, "wrong or missing token")
+            log.warning("refused %r from %s: %s", hello.name, link.peer, refused)
+            link.close(CloseCode.AUTH_FAILED, str(refused))
             return None
         problem = validate_name(hello.name)
         if problem is not None:

@@ -136,6 +136,12 @@ class Link(asyncio.Protocol):
         return str(self.transport.get_extra_info("peername") or "local socket")
 
     @property
+    def peercert(self) -> Any:
+        """The peer's TLS certificate as ``SSLSocket.getpeercert()`` gives it: None without
+        TLS or without a certificate, an empty dict when it was not verified."""
+        return None if self.transport is None else self.transport.get_extra_info("peercert")
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes queued in this loop iteration, not yet handed to the socket."""
         return len(self._out)
