@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any
 
 from ..protocol import Flag, PacketHeader
-from ..storage import EmbeddedStore, Statement
+from ..storage import Done, EmbeddedStore, Statement
 from ..transport import Link
 from .config import ServiceConfig
 
@@ -495,21 +495,27 @@ class Mailboxes:
 
     # ----------------------------------------------------------------- groups
 
-    def join(self, ending: Ending, group: str) -> None:
-        if group in ending.groups:
-            return
+    def join(self, ending: Ending, group: str, done: Done) -> None:
+        """Make ``ending`` a member of ``group``; ``done`` once that is committed (the
+        member is told only then, so a service killed right after cannot forget it)."""
         ending.groups.add(group)
         self.groups.setdefault(group, set()).add(ending.name)
-        self._write(("INSERT OR IGNORE INTO members VALUES (?, ?)", (group, ending.name)))
+        self._commit(("INSERT OR IGNORE INTO members VALUES (?, ?)", (group, ending.name)), done)
 
-    def leave(self, ending: Ending, group: str) -> None:
+    def leave(self, ending: Ending, group: str, done: Done) -> None:
         ending.groups.discard(group)
         members = self.groups.get(group)
         if members is not None:
             members.discard(ending.name)
             if not members:
                 del self.groups[group]
-        self._write(("DELETE FROM members WHERE grp = ? AND ending = ?", (group, ending.name)))
+        self._commit(
+            ("DELETE FROM members WHERE grp = ? AND ending = ?", (group, ending.name)), done
+        )
+
+    def _commit(self, statement: Statement, done: Done) -> None:
+        self._flush()  # after everything queued before it
+        self.store.write([statement], done)
 
     # ----------------------------------------------------------------- writes
 

@@ -554,11 +554,17 @@ class Service(Peer):
             self._denied(why)
             link.write(link.connection.error_frame(event.id, ErrorCode.PERMISSION_DENIED, why))
             return
-        if event.join:
-            self.mailboxes.join(session.ending, event.group)
+        change = self.mailboxes.join if event.join else self.mailboxes.leave
+        change(session.ending, event.group, partial(self._group_changed, link, event.id))
+
+    def _group_changed(self, link: Link, request_id: int, error: BaseException | None) -> None:
+        if link.closed:
+            return
+        if error is None:
+            link.write(link.connection.ack_frame(request_id))
         else:
-            self.mailboxes.leave(session.ending, event.group)
-        link.write(link.connection.ack_frame(event.id))
+            message = f"the group change was not stored: {error}"
+            link.write(link.connection.error_frame(request_id, ErrorCode.INTERNAL, message))
 
     @property
     def groups(self) -> dict[str, set[str]]:

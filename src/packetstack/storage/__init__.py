@@ -1,5 +1,5 @@
 """Storage: the embedded store (SQLite in the data directory)."""
 
-from .embedded import EmbeddedStore, Statement, Synchronous
+from .embedded import Done, EmbeddedStore, Statement, Synchronous
 
-__all__ = ["EmbeddedStore", "Statement", "Synchronous"]
+__all__ = ["Done", "EmbeddedStore", "Statement", "Synchronous"]
