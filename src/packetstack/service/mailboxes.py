@@ -107,6 +107,7 @@ class Ending:
         "name",
         "next_seq",
         "replay",
+        "reserved",
         "seq_limit",
         "stored",
         "stored_bytes",
@@ -118,6 +119,7 @@ class Ending:
         self.live = False  # connected, caught up and keeping up: deliver directly
         self.next_seq = 1
         self.seq_limit = 0
+        self.reserved = False  # its first block of sequence numbers is committed
         self.acked = 0  # highest sequence number the ending handled
         self.inflight: deque[InFlight] = deque()
         self.inflight_acks = 0  # in-flight packets whose senders wait for an ACK
@@ -159,6 +161,7 @@ class Mailboxes:
         self._rows: list[tuple[Any, ...]] = []
         self._row_acks: list[tuple[str, int]] = []
         self._writes: list[Statement] = []
+        self._reservations: list[Ending] = []  # whose reservation is in _writes
         self._acked_rows: dict[str, int] = {}
         self._flush_scheduled = False
         self.unsaved = 0  # rows handed to the store, not yet committed
@@ -226,15 +229,26 @@ class Mailboxes:
         return ending
 
     def _reserve(self, ending: Ending) -> None:
-        """Make the store remember sequence numbers past the ones about to be used."""
+        """Make the store remember sequence numbers past the ones about to be used. Rows
+        stored later are committed after it; live delivery waits for it (``_replay``)."""
         ending.seq_limit = ending.next_seq + SEQ_BLOCK
-        self._write(
+        self._writes.append(
             (
                 "INSERT INTO endings (name, seq_limit) VALUES (?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET seq_limit = excluded.seq_limit",
                 (ending.name, ending.seq_limit),
             )
         )
+        self._reservations.append(ending)
+        self._schedule_flush()
+
+    def _reserved(self, endings: list[Ending], error: BaseException | None) -> None:
+        for ending in endings:
+            if error is None:
+                ending.reserved = True
+            else:
+                assert self._loop is not None
+                self._loop.call_later(STORE_RETRY, self._reserve, ending)
 
     def attach(self, ending: Ending, link: Link) -> None:
         """The ending connected on ``link``: replay its mailbox, then deliver directly."""
@@ -465,16 +479,23 @@ class Mailboxes:
         try:
             while ending.link is link and not link.closed:
                 if ending.cursor >= ending.last_stored:
+                    if not ending.reserved:
+                        # Sent live, a sequence number must already be one a restarted
+                        # service would not hand out again: wait for the reservation.
+                        self._flush()
+                        await self.store.read(_nothing)
+                        continue
                     ending.live = True  # caught up: deliver directly from now on
                     return
                 self._flush()  # rows queued for the store must be readable now
+                readable = ending.last_stored  # rows queued after this read are not seen
                 rows = await self.store.read(
                     partial(_page, ending.name, ending.cursor, time.time(), REPLAY_PAGE)
                 )
                 if ending.link is not link or link.closed:
                     return
-                if not rows:  # what is left expired or was dropped meanwhile
-                    ending.cursor = ending.last_stored
+                if not rows:  # up to `readable`, what is left expired or was dropped
+                    ending.cursor = max(ending.cursor, readable)
                     continue
                 writable = True
                 for seq, frame in rows:
@@ -519,10 +540,6 @@ class Mailboxes:
 
     # ----------------------------------------------------------------- writes
 
-    def _write(self, statement: Statement) -> None:
-        self._writes.append(statement)
-        self._schedule_flush()
-
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -560,7 +577,10 @@ class Mailboxes:
         self._flush_scheduled = False
         if self._writes:
             writes, self._writes = self._writes, []
-            self.store.write(writes)
+            reservations, self._reservations = self._reservations, []
+            self.store.write(
+                writes, partial(self._reserved, reservations) if reservations else None
+            )
         self._flush_rows()
         if self._acked_rows:
             acked, self._acked_rows = self._acked_rows, {}
@@ -642,6 +662,10 @@ class Mailboxes:
         """Packets waiting for ``name``: in its mailbox or sent and not yet acknowledged."""
         ending = self.endings.get(name)
         return 0 if ending is None else ending.stored + len(ending.inflight)
+
+
+def _nothing(db: sqlite3.Connection) -> None:
+    """A read that only waits for every write queued before it."""
 
 
 async def _writable(link: Link) -> None:
