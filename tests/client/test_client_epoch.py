@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from packetstack import Client, Context, Packet, Service
+from packetstack.protocol import PROTOCOL_VERSION, Welcome
 
 
 class EpNumber(Packet):
@@ -54,3 +55,30 @@ async def test_a_fresh_store_does_not_make_the_client_drop_its_packets(tmp_path:
     finally:
         await receiver.close()
         await second.close()
+
+
+def _welcome(epoch: str, acked: int, next_seq: int) -> Welcome:
+    return Welcome(
+        PROTOCOL_VERSION,
+        "receiver",
+        5.0,
+        15.0,
+        1 << 20,
+        1 << 26,
+        1 << 18,
+        epoch=epoch,
+        acked=acked,
+        next=next_seq,
+    )
+
+
+def test_a_service_numbering_again_below_what_the_client_took_resets_its_dedupe() -> None:
+    """A service killed before it stored an ending's first block of sequence numbers hands
+    them out again after its restart (same store, same epoch): WELCOME's ``next`` tells."""
+    client = Client("receiver", "ps://127.0.0.1:1")
+    client._adopt(_welcome("e1", 0, 1))
+    client._delivered = 500  # took deliveries 1..500 from the service before it died
+    client._adopt(_welcome("e1", 0, 501))  # a normal reconnect: keep dropping repeats
+    assert client._delivered == 500
+    client._adopt(_welcome("e1", 0, 3))  # numbering restarted below 500
+    assert client._delivered == 0

@@ -220,6 +220,16 @@ class Client(Peer):
         if welcome.epoch != self._epoch:
             self._epoch = welcome.epoch
             self._delivered = welcome.acked
+        elif welcome.next and self._delivered >= welcome.next:
+            # The service died before it stored where this ending's numbering stood, so
+            # it numbers from there again (and stored nothing numbered after it).
+            log.warning(
+                "%s: the service numbers deliveries from %d again; it had reached %d",
+                self.name,
+                welcome.next,
+                self._delivered,
+            )
+            self._delivered = welcome.acked
 
     def _resume_deliveries(self, link: Link, welcome: Welcome) -> None:
         done = self._dispatcher.done_seq

@@ -93,6 +93,8 @@ class Welcome(msgspec.Struct, omit_defaults=True):
     epoch: str = ""
     # The highest sequence number this ending has acknowledged (handled) so far.
     acked: int = 0
+    # The sequence number the service gives this ending's next delivery.
+    next: int = 0
 
 
 class PacketHeader(msgspec.Struct, array_like=True, gc=False):

@@ -107,7 +107,6 @@ class Ending:
         "name",
         "next_seq",
         "replay",
-        "reserved",
         "seq_limit",
         "stored",
         "stored_bytes",
@@ -119,7 +118,6 @@ class Ending:
         self.live = False  # connected, caught up and keeping up: deliver directly
         self.next_seq = 1
         self.seq_limit = 0
-        self.reserved = False  # its first block of sequence numbers is committed
         self.acked = 0  # highest sequence number the ending handled
         self.inflight: deque[InFlight] = deque()
         self.inflight_acks = 0  # in-flight packets whose senders wait for an ACK
@@ -161,7 +159,6 @@ class Mailboxes:
         self._rows: list[tuple[Any, ...]] = []
         self._row_acks: list[tuple[str, int]] = []
         self._writes: list[Statement] = []
-        self._reservations: list[Ending] = []  # whose reservation is in _writes
         self._acked_rows: dict[str, int] = {}
         self._flush_scheduled = False
         self.unsaved = 0  # rows handed to the store, not yet committed
@@ -229,8 +226,10 @@ class Mailboxes:
         return ending
 
     def _reserve(self, ending: Ending) -> None:
-        """Make the store remember sequence numbers past the ones about to be used. Rows
-        stored later are committed after it; live delivery waits for it (``_replay``)."""
+        """Make the store remember sequence numbers past the ones about to be used (rows
+        stored later are committed after it). Should a service die before its first
+        reservation for an ending is committed, the ending's client learns from WELCOME's
+        ``next`` that numbering started again (see Client._adopt)."""
         ending.seq_limit = ending.next_seq + SEQ_BLOCK
         self._writes.append(
             (
@@ -239,16 +238,7 @@ class Mailboxes:
                 (ending.name, ending.seq_limit),
             )
         )
-        self._reservations.append(ending)
         self._schedule_flush()
-
-    def _reserved(self, endings: list[Ending], error: BaseException | None) -> None:
-        for ending in endings:
-            if error is None:
-                ending.reserved = True
-            else:
-                assert self._loop is not None
-                self._loop.call_later(STORE_RETRY, self._reserve, ending)
 
     def attach(self, ending: Ending, link: Link) -> None:
         """The ending connected on ``link``: replay its mailbox, then deliver directly."""
@@ -479,12 +469,6 @@ class Mailboxes:
         try:
             while ending.link is link and not link.closed:
                 if ending.cursor >= ending.last_stored:
-                    if not ending.reserved:
-                        # Sent live, a sequence number must already be one a restarted
-                        # service would not hand out again: wait for the reservation.
-                        self._flush()
-                        await self.store.read(_nothing)
-                        continue
                     ending.live = True  # caught up: deliver directly from now on
                     return
                 self._flush()  # rows queued for the store must be readable now
@@ -577,10 +561,7 @@ class Mailboxes:
         self._flush_scheduled = False
         if self._writes:
             writes, self._writes = self._writes, []
-            reservations, self._reservations = self._reservations, []
-            self.store.write(
-                writes, partial(self._reserved, reservations) if reservations else None
-            )
+            self.store.write(writes)
         self._flush_rows()
         if self._acked_rows:
             acked, self._acked_rows = self._acked_rows, {}
@@ -662,10 +643,6 @@ class Mailboxes:
         """Packets waiting for ``name``: in its mailbox or sent and not yet acknowledged."""
         ending = self.endings.get(name)
         return 0 if ending is None else ending.stored + len(ending.inflight)
-
-
-def _nothing(db: sqlite3.Connection) -> None:
-    """A read that only waits for every write queued before it."""
 
 
 async def _writable(link: Link) -> None:

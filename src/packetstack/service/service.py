@@ -380,6 +380,7 @@ class Service(Peer):
                     caps=["chunks", "mailboxes"],
                     epoch=self.mailboxes.epoch,
                     acked=ending.acked,
+                    next=ending.next_seq,
                 )
             )
         )
