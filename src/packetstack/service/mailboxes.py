@@ -67,6 +67,10 @@ SEQ_BLOCK = 1_000_000
 REPLAY_PAGE = 2048
 # Expiry is checked at least this often while anything is stored (seconds).
 SWEEP_MAX_WAIT = 60.0
+# An ending disconnected this long with nothing stored and no groups is forgotten (seconds):
+# names used once (scripts, `packetstack status`) do not pile up. If it comes back, its
+# numbering starts again, and WELCOME's `next` tells a client that outlived the record.
+FORGET_AFTER = 3600.0
 # Rows handed to the store and not yet committed: past HIGH the service stops reading from
 # senders whose packets it must store, below LOW it reads again. Bounds memory when packets
 # arrive faster than the disk takes them.
@@ -98,6 +102,7 @@ class Ending:
         "cursor",
         "groups",
         "held",
+        "idle_since",
         "inflight",
         "inflight_acks",
         "last_id",
@@ -131,6 +136,7 @@ class Ending:
         self.congested: asyncio.TimerHandle | None = None
         self.held: set[Link] = set()  # senders not read until it drains (or spills)
         self.groups: set[str] = set()
+        self.idle_since = time.time()  # when it was last connected (while not connected)
 
     def __repr__(self) -> str:
         state = "live" if self.live else ("connected" if self.link else "offline")
@@ -253,6 +259,7 @@ class Mailboxes:
         """The ending's link is gone: what it had not acknowledged waits in its mailbox."""
         ending.link = None
         ending.live = False
+        ending.idle_since = time.time()
         if ending.congested is not None:
             ending.congested.cancel()
             ending.congested = None
@@ -636,6 +643,24 @@ class Mailboxes:
                 if flags & _NOTIFY:
                     self._lost(src, pid, name, tag, "expired")
             self.stats["mailbox_expired"] += len(expired)
+            self._forget_idle(time.time())
+
+    def _forget_idle(self, now: float) -> None:
+        idle = [
+            name
+            for name, ending in self.endings.items()
+            if ending.link is None
+            and not ending.stored
+            and not ending.inflight
+            and not ending.groups
+            and now - ending.idle_since >= FORGET_AFTER
+        ]
+        for name in idle:
+            del self.endings[name]
+        if idle:
+            self._writes.append(("DELETE FROM endings WHERE name = ?", [(n,) for n in idle]))
+            self._schedule_flush()
+            self.stats["endings_forgotten"] += len(idle)
 
     # ------------------------------------------------------------------ views
 
