@@ -207,7 +207,7 @@ class Client(Peer):
         self._link = link
         self.welcome = welcome
         link.start_heartbeat(welcome.heartbeat, welcome.timeout)
-        self._resume_deliveries(link, welcome)
+        self._resume_deliveries(welcome)
         for group in sorted(self._groups):
             link.write(link.connection.group_frame(next(self._ids), group, True))
         self._send_held(link)
@@ -231,10 +231,10 @@ class Client(Peer):
             )
             self._delivered = welcome.acked
 
-    def _resume_deliveries(self, link: Link, welcome: Welcome) -> None:
+    def _resume_deliveries(self, welcome: Welcome) -> None:
         done = self._dispatcher.done_seq
         if welcome.acked < done <= self._delivered:
-            link.write(link.connection.ack_frame(done))  # acks the old connection lost
+            self._acknowledge(done, urgent=True)  # acks the old connection lost
 
     def _send_held(self, link: Link) -> None:
         """After a reconnect: unacknowledged sends again, then the outbox, in order."""
@@ -428,7 +428,7 @@ class Client(Peer):
                 seq = event.seq
                 if seq:
                     if seq <= self._delivered:
-                        self._repeated(link)
+                        self._repeated()
                         continue
                     self._delivered = seq
                     if header.flags & _ACK_OR_RESENT and self._seen(header):
@@ -465,13 +465,13 @@ class Client(Peer):
             self._recent.discard(self._recent_order.popleft())
         return False
 
-    def _repeated(self, link: Link) -> None:
+    def _repeated(self) -> None:
         """A delivery we took already (its ack was lost with a connection): drop it, and
         tell the service again how far handling got."""
         self.repeats_dropped += 1
         done = self._dispatcher.done_seq
-        if done and done <= self._delivered:
-            link.write(link.connection.ack_frame(done))
+        if done:
+            self._acknowledge(done, urgent=False)
 
     def _refuse_handshake(self, code: int, reason: str) -> None:
         handshake = self._handshake

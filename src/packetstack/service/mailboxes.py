@@ -25,6 +25,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from ..errors import ConnectionClosed
 from ..protocol import Flag, PacketHeader
 from ..storage import Done, EmbeddedStore, Statement
 from ..transport import Link
@@ -282,30 +283,27 @@ class Mailboxes:
     def deliver(self, ending: Ending, frame: bytes, header: PacketHeader, expires: float) -> str:
         """Send or store one packet for ``ending``. Return "" when it was taken, else why
         it was refused (its mailbox is full and the policy rejects)."""
-        if ending.live:
-            seq = ending.next_seq
-            ending.next_seq = seq + 1
-            if seq >= ending.seq_limit - SEQ_BLOCK // 2:
-                self._reserve(ending)
-            ending.inflight.append((seq, frame, header, expires))
-            link = ending.link
-            assert link is not None
-            if not link.write_delivery(seq, frame) and ending.congested is None:
-                self._congested(ending, link)
-            if header.flags & _ACK:
-                ending.inflight_acks += 1
-                self._expect(header)
-            return ""
-        refusal = self._make_room(ending, len(frame))
-        if refusal:
-            return refusal
+        live = ending.live
+        if not live:
+            refusal = self._make_room(ending, len(frame))
+            if refusal:
+                return refusal
         seq = ending.next_seq
         ending.next_seq = seq + 1
         if seq >= ending.seq_limit - SEQ_BLOCK // 2:
             self._reserve(ending)
         if header.flags & _ACK:
             self._expect(header)
-        self._add_row(ending, seq, frame, header, expires)
+        if not live:
+            self._add_row(ending, seq, frame, header, expires)
+            return ""
+        ending.inflight.append((seq, frame, header, expires))
+        if header.flags & _ACK:
+            ending.inflight_acks += 1
+        link = ending.link
+        assert link is not None
+        if not link.write_delivery(seq, frame) and ending.congested is None:
+            self._congested(ending, link)
         return ""
 
     def _expect(self, header: PacketHeader) -> None:
@@ -494,9 +492,11 @@ class Mailboxes:
                     ending.cursor = seq
                 self.stats["mailbox_replayed"] += len(rows)
                 if not writable:
-                    await _writable(link)
+                    await link.drain()
         except asyncio.CancelledError:
             raise
+        except ConnectionClosed:
+            pass  # the link went while it drained: detach() keeps what was not acknowledged
         except Exception:
             log.exception(
                 "replaying the mailbox of %r failed; it is retried on reconnect", ending.name
@@ -668,17 +668,6 @@ class Mailboxes:
         """Packets waiting for ``name``: in its mailbox or sent and not yet acknowledged."""
         ending = self.endings.get(name)
         return 0 if ending is None else ending.stored + len(ending.inflight)
-
-
-async def _writable(link: Link) -> None:
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def wake() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    link.on_writable(wake)
-    await waiter
 
 
 # ------------------------------------------------ run on the store's thread

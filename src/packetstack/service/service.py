@@ -454,9 +454,7 @@ class Service(Peer):
             ending = self.mailboxes.endings.get(header.dst) or self._new_ending(session, header)
             if ending is None:
                 return
-            data = event.data
-            frame = data if type(data) is bytes else packet_frame(header, event.payload)
-            self._deliver(session, ending, frame, header)
+            self._deliver(session, ending, self._frame_of(event), header)
         elif target == _GROUP:
             frame = self._frame_of(event)
             mailboxes = self.mailboxes
@@ -475,7 +473,7 @@ class Service(Peer):
             else:
                 session.dispatcher.queue.append(event)  # woken at the end of the read
             if flags & _ACK:
-                session.link.write(session.link.connection.ack_frame(header.id))
+                _acknowledge(session.link, header.id)
             return
         else:
             session.link.write(
@@ -484,9 +482,13 @@ class Service(Peer):
                 )
             )
             return
-        if flags & _ACK and not self.mailboxes.is_outstanding(header.src, header.id):
-            # Nobody to deliver to (an empty group) or refused: answered already or now.
-            session.link.write(session.link.connection.ack_frame(header.id))
+        self._ack_if_settled(session, header)
+
+    def _ack_if_settled(self, session: Session, header: PacketHeader) -> None:
+        """ACK an acked packet that waits for no delivery or store: it had nobody to go to
+        (an empty group), was refused (answered already), or is a resend of one done."""
+        if header.flags & _ACK and not self.mailboxes.is_outstanding(header.src, header.id):
+            _acknowledge(session.link, header.id)
 
     def _new_tag(self, tag: str) -> None:
         counts = self.packets_in_by_tag
@@ -505,6 +507,11 @@ class Service(Peer):
         link.write(link.connection.error_frame(header.id, ErrorCode.UNKNOWN_DESTINATION, problem))
         return None
 
+    def _expires(self, header: PacketHeader, now: float) -> float:
+        """When a packet sent at ``now`` leaves a mailbox: its own ttl or mailbox_ttl."""
+        ttl = header.ttl
+        return now + (ttl / 1000.0 if ttl else self.config.mailbox_ttl)
+
     @staticmethod
     def _frame_of(event: PacketReceived) -> bytes:
         data = event.data
@@ -513,9 +520,7 @@ class Service(Peer):
     def _deliver(
         self, session: Session, ending: Ending, frame: bytes, header: PacketHeader
     ) -> None:
-        ttl = header.ttl
-        expires = self._now + (ttl / 1000.0 if ttl else self.config.mailbox_ttl)
-        refusal = self.mailboxes.deliver(ending, frame, header, expires)
+        refusal = self.mailboxes.deliver(ending, frame, header, self._expires(header, self._now))
         if refusal:
             link = session.link
             link.write(link.connection.error_frame(header.id, ErrorCode.MAILBOX_FULL, refusal))
@@ -527,8 +532,7 @@ class Service(Peer):
     def _duplicate(self, session: Session, header: PacketHeader) -> None:
         """A packet the sender resent after a reconnect, which this service took already."""
         self.stats["duplicates_dropped"] += 1
-        if header.flags & _ACK and not self.mailboxes.is_outstanding(header.src, header.id):
-            session.link.write(session.link.connection.ack_frame(header.id))
+        self._ack_if_settled(session, header)
 
     def _forward_reply(self, event: PacketReceived) -> None:
         """Replies go to the requester directly: it is waiting now or never."""
@@ -562,7 +566,7 @@ class Service(Peer):
         if link.closed:
             return
         if error is None:
-            link.write(link.connection.ack_frame(request_id))
+            _acknowledge(link, request_id)
         else:
             message = f"the group change was not stored: {error}"
             link.write(link.connection.error_frame(request_id, ErrorCode.INTERNAL, message))
@@ -581,7 +585,7 @@ class Service(Peer):
             return
         session = self.endings.get(src)
         if session is not None:
-            session.link.write(session.link.connection.ack_frame(packet_id))
+            _acknowledge(session.link, packet_id)
 
     def _lost(self, src: str, packet_id: int, destination: str, tag: str, reason: str) -> None:
         """Tell ``src`` its packet will never be delivered (it asked to know)."""
@@ -592,7 +596,7 @@ class Service(Peer):
         header = PacketHeader(next(self._ids), _ENDING, src, SERVICE_NAME, Expired.packet_tag)
         frame = packet_frame(header, encode(notice))
         self.mailboxes.deliver(
-            self.mailboxes.ending(src), frame, header, time.time() + self.config.mailbox_ttl
+            self.mailboxes.ending(src), frame, header, self._expires(header, time.time())
         )
 
     # ------------------------------------------------- the service's own sends
@@ -627,8 +631,7 @@ class Service(Peer):
                 f"payload of {len(payload)} bytes is over the maximum of {self.config.max_payload}"
             )
         frame = packet_frame(header, payload)
-        ttl = header.ttl / 1000.0 if header.ttl else self.config.mailbox_ttl
-        expires = time.time() + ttl
+        expires = self._expires(header, time.time())
         waiter = (
             self._pending.expect(header.id, self.request_timeout, "acknowledgement")
             if ack
@@ -696,3 +699,7 @@ class Service(Peer):
 
 def _service_closed() -> ConnectionClosed:
     return ConnectionClosed("service closed", CloseCode.GOING_AWAY)
+
+
+def _acknowledge(link: Link, packet_id: int) -> None:
+    link.write(link.connection.ack_frame(packet_id))
