@@ -23,6 +23,7 @@ from .errors import (
     ConnectionClosed,
     DeliveryError,
     ErrorCode,
+    GridError,
     MailboxFull,
     PayloadTooLarge,
     PermissionDenied,
@@ -297,7 +298,9 @@ class Dispatcher:
             hook(exc, ctx)
 
 
-def remote_error(body: bytes | memoryview) -> DeliveryError | PermissionDenied:
+def remote_error(
+    body: bytes | memoryview,
+) -> DeliveryError | PermissionDenied | GridError:
     """The exception a requester raises for an error reply."""
     try:
         err = _error_body_decoder.decode(body)
@@ -309,6 +312,8 @@ def remote_error(body: bytes | memoryview) -> DeliveryError | PermissionDenied:
         code = ErrorCode.INTERNAL
     if code == ErrorCode.PERMISSION_DENIED:
         return PermissionDenied(err.message)  # the same type as every other denial
+    if code == ErrorCode.GRID:
+        return GridError(err.message)
     return RemoteError(f"{err.type}: {err.message}", err.type, code)
 
 

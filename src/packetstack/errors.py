@@ -47,6 +47,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 8
     MAILBOX_FULL = 9
     PERMISSION_DENIED = 10
+    GRID = 11
 
 
 class CloseCode(enum.IntEnum):
@@ -160,6 +161,11 @@ class UnknownDestination(DeliveryError, LookupError):
 class MailboxFull(DeliveryError):
     """The destination's mailbox holds its limit of packets or bytes and its overflow
     policy is ``reject``: the packet was not stored."""
+
+
+class GridError(PacketStackError):
+    """A grid operation was refused: a malformed operation, ``increment`` on an entry
+    that is not an integer, a map name that is not allowed, ..."""
 
 
 class OutboxFull(DeliveryError):

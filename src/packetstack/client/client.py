@@ -25,9 +25,11 @@ from ..errors import (
     PermissionDenied,
     ProtocolError,
 )
+from ..grid.remote import HOLDER_TAGS, ClientGrid
 from ..peer import DEFAULT_REQUEST_TIMEOUT, Peer
 from ..protocol import (
     PROTOCOL_VERSION,
+    SERVICE_NAME,
     AckReceived,
     CloseReceived,
     Connection,
@@ -103,6 +105,7 @@ class Client(Peer):
         connect_timeout: float = 10.0,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         outbox_limit: int = DEFAULT_OUTBOX_LIMIT,
+        holds_data: bool = False,
     ) -> None:
         check_name(name)
         super().__init__(name, request_timeout)
@@ -143,6 +146,8 @@ class Client(Peer):
         self._reconnector: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self.reconnects = 0
+        self.holds_data = holds_data
+        self.grid = ClientGrid(self, holds_data)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -196,7 +201,12 @@ class Client(Peer):
             await connect(self.endpoint, lambda: link, self._ssl)
             link.write(
                 link.connection.hello_frame(
-                    Hello(PROTOCOL_VERSION, self.name, self._token, caps=["chunks"])
+                    Hello(
+                        PROTOCOL_VERSION,
+                        self.name,
+                        self._token,
+                        caps=["chunks", "holder"] if self.holds_data else ["chunks"],
+                    )
                 )
             )
             try:
@@ -211,6 +221,7 @@ class Client(Peer):
         for group in sorted(self._groups):
             link.write(link.connection.group_frame(next(self._ids), group, True))
         self._send_held(link)
+        self.grid.connected(welcome.partitions)
         self._connected.set()
         log.info("%s connected to %s", self.name, self.endpoint)
 
@@ -251,6 +262,8 @@ class Client(Peer):
 
     async def close(self) -> None:
         """Say goodbye and close; pending requests fail with ConnectionClosed."""
+        if not self._closing:
+            await self.grid.leave()  # a holder hands its partitions over first
         self._closing = True
         if self._ack_timer is not None:
             self._ack_timer.cancel()
@@ -426,6 +439,9 @@ class Client(Peer):
                         log.debug("late reply to %d from %s", header.corr, header.src)
                     continue
                 seq = event.seq
+                if not seq and header.tag in HOLDER_TAGS and header.src == SERVICE_NAME:
+                    self.grid.receive(link, header, event.payload)
+                    continue
                 if seq:
                     if seq <= self._delivered:
                         self._repeated()
@@ -495,6 +511,7 @@ class Client(Peer):
             return
         self._link = None
         self._connected.clear()
+        self.grid.lost()
         code = link.close_code or CloseCode.GOING_AWAY
         lost = ConnectionClosed(
             f"connection to {self.endpoint} lost ({link.close_reason or error or 'closed'})",

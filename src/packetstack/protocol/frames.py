@@ -95,6 +95,8 @@ class Welcome(msgspec.Struct, omit_defaults=True):
     acked: int = 0
     # The sequence number the service gives this ending's next delivery.
     next: int = 0
+    # The data grid's partition count (keys map to partitions by crc32 % partitions).
+    partitions: int = 0
 
 
 class PacketHeader(msgspec.Struct, array_like=True, gc=False):

@@ -77,6 +77,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics_port: int = 0
     # Log lines of `packetstack serve`: human text, or one JSON object per line.
     log_format: Literal["text", "json"] = "text"
+    # The data grid: partitions (fixed for the life of the data directory's journal) and
+    # backups per partition among the holding endings.
+    grid_partitions: int = 271
+    grid_backups: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -111,6 +115,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             problems.append("two principals share a name")
         if self.rate_limit < 0 or self.rate_burst < 0:
             problems.append("rate_limit and rate_burst must not be negative")
+        if not 1 <= self.grid_partitions <= 65_536:
+            problems.append("grid_partitions must be between 1 and 65536")
+        if not 0 <= self.grid_backups <= 6:
+            problems.append("grid_backups must be between 0 and 6")
         if self.max_connections < 1:
             problems.append("max_connections must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):

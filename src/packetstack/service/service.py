@@ -53,6 +53,7 @@ from ..transport import Link, server_ssl_context
 from .admin import install_admin
 from .auth import Gate, Permissions, Refused, common_name
 from .config import LOOPBACK, ServiceConfig, exposure_problem, load
+from .grid import OPS_TAG, OUTCOMES_TAG, ServiceGrid
 from .mailboxes import Ending, Mailboxes
 from .ratelimit import RateLimit
 from .session import Session
@@ -118,6 +119,7 @@ class Service(Peer):
         self.stats: Counter[str] = Counter()
         store = EmbeddedStore(Path(cfg.data_dir) / "packetstack.db", cfg.store_synchronous)
         self.mailboxes = Mailboxes(store, cfg, self.stats, self._safe, self._lost)
+        self.grid = ServiceGrid(self, store)
         self._now = time.time()  # wall clock of the read being routed (expiry times)
         self.packets_in = 0
         self.packets_out = 0
@@ -143,6 +145,7 @@ class Service(Peer):
             raise ConfigError(exposure)
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         await self.mailboxes.open()
+        await self.grid.open()
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             self._new_link,
@@ -208,6 +211,7 @@ class Service(Peer):
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        await self.grid.close()
         await self.mailboxes.close()  # every in-flight packet is in a mailbox before this ends
         if self.config.unix_path is not None:
             # Python 3.11's loop leaves the socket file behind; the next start would reuse it
@@ -299,6 +303,7 @@ class Service(Peer):
         if self.endings.get(session.name) is session:
             del self.endings[session.name]
             self.mailboxes.detach(session.ending)
+            self.grid.left(session)
         self._stop_dispatcher(session)
         log.info("ending %r left (%s)", session.name, link.close_reason or error or "closed")
 
@@ -338,6 +343,13 @@ class Service(Peer):
                 f"principal {principal.name!r} may not connect as {hello.name!r}",
             )
             return None
+        holds_data = "holder" in hello.caps
+        if holds_data:
+            problem = self.grid.holder_problem(principal)
+            if problem is not None:
+                self._denied(problem)
+                link.close(CloseCode.FORBIDDEN, problem)
+                return None
         previous = self.endings.get(hello.name)
         # A reconnect replaces its previous session: that one does not count against the limit.
         replaces = previous is not None and previous.principal is principal
@@ -356,6 +368,7 @@ class Service(Peer):
             self._sessions_by_link.pop(previous.link, None)
             previous.link.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._stop_dispatcher(previous)
+            self.grid.left(previous)
         dispatcher = Dispatcher(
             self._handlers, self._reply_sender(link), partial(link.hold_reading, reason=HANDLERS)
         )
@@ -381,10 +394,13 @@ class Service(Peer):
                     epoch=self.mailboxes.epoch,
                     acked=ending.acked,
                     next=ending.next_seq,
+                    partitions=cfg.grid_partitions,
                 )
             )
         )
         self.mailboxes.attach(ending, link)  # replays its mailbox first
+        if holds_data:
+            self.grid.joined(session)
         link.start_heartbeat(cfg.heartbeat, cfg.heartbeat_timeout)
         self.stats["connections"] += 1
         log.info("ending %r joined from %s", hello.name, link.peer)
@@ -467,9 +483,14 @@ class Service(Peer):
                 if member is not session:
                     self._deliver(session, member.ending, frame, header)
         elif target in (_SERVICE, _ENDING):
+            tag = header.tag
             if flags & _REPLY:
-                if not self._pending.resolve_reply(event):
+                if tag == OUTCOMES_TAG:
+                    self.grid.outcomes(session, event)
+                elif not self._pending.resolve_reply(event):
                     log.debug("late reply to %d from %s", header.corr, header.src)
+            elif tag == OPS_TAG:
+                self.grid.request(session, event)
             else:
                 session.dispatcher.queue.append(event)  # woken at the end of the read
             if flags & _ACK:
@@ -681,6 +702,7 @@ class Service(Peer):
             "packets_out": self.packets_out,
             "packets_in_by_tag": dict(self.packets_in_by_tag),
             "stats": dict(self.stats),
+            "grid": self.grid.coordinator.snapshot(),
             "store": {
                 "path": str(mailboxes.store.path),
                 "commits": mailboxes.store.commits,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..dispatch import Dispatcher
+from ..grid.coordinator import Holder
 from ..transport import Link
 from .auth import Permissions, Principal
 from .mailboxes import Ending
@@ -13,6 +14,7 @@ class Session:
     __slots__ = (
         "dispatcher",
         "ending",
+        "holder",
         "link",
         "name",
         "permissions",
@@ -37,6 +39,7 @@ class Session:
         # None when the principal may send anywhere: the router then checks nothing.
         self.permissions = permissions
         self.rate_limit: RateLimit | None = None
+        self.holder: Holder | None = None  # its part in the data grid, if it holds data
 
     def __repr__(self) -> str:
         return f"Session({self.name!r}, groups={sorted(self.ending.groups)})"

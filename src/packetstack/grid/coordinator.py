@@ -1,0 +1,641 @@
+"""The service's side of the grid: the partition table, routing, migration, the journal.
+
+Every operation reaches the service (a holder's own writes too): the service orders the
+operations of each partition, sends them to the partition's owner in that order (batched
+per owner, once per loop iteration), journals what they changed, sends the changes to the
+partition's backups, and answers the caller once the journal has committed them. While no
+holder is connected the service is the owner itself.
+
+A partition that changes hands is *paused*: new operations for it wait here, in order;
+once the ones at its old owner are answered, the old owner releases it, the new owner gets
+its data (from the journal, in chunks: everything acknowledged is there) and the waiting
+operations go to the new owner. When an owner dies, the operations it had not answered go
+back to the front of their partitions' queues, a backup is promoted at once, or, with no
+backup left, the partition is rebuilt from the journal; none is lost and none fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+
+from ..codec import Packet
+from ..errors import ConnectionClosed, GridError, MailboxFull
+from ..protocol import SERVICE_NAME, Flag, PacketHeader, Target
+from ..storage import EmbeddedStore
+from .journal import Journal, Row, partition_data
+from .messages import Backup, GridEvent, GridOps, GridOutcomes, Promote, Release, Take
+from .ops import READS, Change, Kind, Op, Outcome, PartitionData, apply, effect
+from .partitions import partition_of, plan
+
+if TYPE_CHECKING:
+    from ..transport import Link
+
+log = logging.getLogger("packetstack.grid")
+
+MOVES_AT_ONCE = 16  # partitions migrating concurrently
+TAKE_CHUNK_BYTES = 256 * 1024  # entries per Take message, by size
+CONTROL_TIMEOUT = 30.0
+CLIENT_KINDS = frozenset(Kind) - {Kind.EXPIRE}
+_REQUEST = int(Flag.REQUEST)
+_ENDING = int(Target.ENDING)
+_outcomes_decoder = msgspec.msgpack.Decoder(GridOutcomes)
+
+Finish = Callable[[list[Outcome]], None]
+
+
+class GridHost(Protocol):
+    """What the coordinator needs from the service."""
+
+    stats: Counter[str]
+
+    def send_to(self, holder: Holder, packet: Packet, request: bool) -> int:
+        """Send a packet on the holder's connection (not through its mailbox); its id."""
+
+    async def request_from(self, holder: Holder, packet: Packet, timeout: float) -> object:
+        """Send a request on the holder's connection and wait for its reply."""
+
+    def fail_request(self, request_id: int, error: BaseException) -> None: ...
+
+    def deliver(self, name: str, packet: Packet) -> None:
+        """Into the ending's mailbox, like any packet the service sends."""
+
+    def expel(self, holder: Holder, reason: str) -> None:
+        """Close a holder's connection for breaking the protocol."""
+
+
+class Holder:
+    """A connected ending that holds partitions (``Client(holds_data=True)``)."""
+
+    __slots__ = ("alive", "leaving", "link", "name", "requests", "sent")
+
+    def __init__(self, name: str, link: Link) -> None:
+        self.name = name
+        self.link = link
+        self.alive = True
+        self.leaving = False
+        self.sent: dict[int, list[Unit]] = {}  # GridOps request id -> its units, unanswered
+        self.requests: set[int] = set()  # control requests (Release) unanswered
+
+    def __repr__(self) -> str:
+        return f"Holder({self.name!r})"
+
+
+class Batch:
+    """The operations of one request; ``finish`` gets their outcomes once all are done."""
+
+    __slots__ = ("finish", "outcomes", "remaining")
+
+    def __init__(self, count: int, finish: Finish) -> None:
+        self.outcomes: list[Outcome] = [_PENDING] * count
+        self.remaining = count
+        self.finish = finish
+
+
+class Unit:
+    __slots__ = ("batch", "index", "op", "order")
+
+    def __init__(self, order: int, op: Op, batch: Batch, index: int) -> None:
+        self.order = order
+        self.op = op
+        self.batch = batch
+        self.index = index
+
+
+class Partition:
+    __slots__ = ("backups", "data", "index", "inflight", "owner", "paused", "settled", "waiting")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.owner: Holder | None = None  # None: the service
+        self.backups: list[Holder] = []
+        self.data: PartitionData | None = {}  # the service's copy while it is the owner
+        self.paused = False
+        self.waiting: deque[Unit] = deque()
+        self.inflight = 0  # units at the owner, unanswered
+        self.settled: asyncio.Future[None] | None = None
+
+
+_PENDING = Outcome(error="pending")
+
+
+class Coordinator:
+    def __init__(self, host: GridHost, store: EmbeddedStore, partitions: int, backups: int):
+        self.host = host
+        self.journal = Journal(store)
+        self.partition_count = partitions
+        self.backup_count = backups
+        self.parts = [Partition(i) for i in range(partitions)]
+        self.holders: dict[str, Holder] = {}
+        self.version = 0  # of the partition table: counts its changes
+        self.listeners: dict[str, set[str]] = {}
+        self.stats = host.stats
+        self._order = itertools.count()
+        self._to_owners: dict[Holder, list[Unit]] = {}
+        self._to_backups: dict[Holder, list[Op]] = {}
+        self._effects: list[Op] = []
+        self._written: list[Unit] = []
+        self._flush_due = False
+        self._expiries: list[tuple[float, int, str, bytes]] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._rebalancer: asyncio.Task[None] | None = None
+        self._rebalance_due = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ops = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Create the journal's table and take every journaled entry (the service owns
+        every partition until holders connect)."""
+        await self.journal.open()
+        rows = await self.journal.load_all()
+        for index, part_rows in rows.items():
+            if index < self.partition_count:
+                self.parts[index].data = partition_data(part_rows)
+                self._watch_expiry(index, part_rows)
+            else:
+                log.error(
+                    "journal has entries of partition %d, but grid_partitions is %d: they "
+                    "are not served (start with the partition count they were written with)",
+                    index,
+                    self.partition_count,
+                )
+        self._arm_sweeper()
+
+    async def close(self) -> None:
+        self._flush()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ operations
+
+    def submit(self, ops: list[Op], finish: Finish) -> None:
+        """Run ``ops`` (already checked and with absolute expiries); ``finish(outcomes)``
+        is called once every one is applied and, if it wrote, journaled."""
+        if not ops:
+            finish([])
+            return
+        batch = Batch(len(ops), finish)
+        order = self._order
+        route = self._route
+        for index, op in enumerate(ops):
+            route(Unit(next(order), op, batch, index))
+        self.ops += len(ops)
+        self._schedule_flush()
+
+    def prepare(self, ops: list[Op], now: float) -> str | None:
+        """Check a client's ops and fix their partitions and expiries; the problem or None."""
+        count = self.partition_count
+        for op in ops:
+            if op.kind not in CLIENT_KINDS:
+                return f"unknown grid operation {op.kind}"
+            if not op.map:
+                return "a grid map needs a non-empty name"
+            if op.kind in (Kind.SCAN, Kind.CLEAR, Kind.SIZE):
+                if not 0 <= op.part < count:
+                    return f"partition {op.part} does not exist (the grid has {count})"
+            else:
+                op.part = partition_of(op.key, count)
+            if op.expires:
+                if not op.expires > 0:
+                    return f"ttl must be positive, not {op.expires}"
+                op.expires += now
+        return None
+
+    def _route(self, unit: Unit) -> None:
+        part = self.parts[unit.op.part]
+        if part.paused:
+            part.waiting.append(unit)
+            return
+        owner = part.owner
+        if owner is None:
+            assert part.data is not None
+            self._applied(unit, apply(part.data, unit.op, time.time()))
+            return
+        part.inflight += 1
+        queue = self._to_owners.get(owner)
+        if queue is None:
+            self._to_owners[owner] = [unit]
+        else:
+            queue.append(unit)
+
+    def _applied(self, unit: Unit, outcome: Outcome) -> None:
+        op = unit.op
+        if op.kind in READS or outcome.change == Change.NONE:
+            self._complete(unit, outcome)
+            return
+        change = effect(op, outcome)
+        if change is None:
+            self._complete(unit, outcome)
+            return
+        part = self.parts[op.part]
+        for backup in part.backups:
+            queue = self._to_backups.get(backup)
+            if queue is None:
+                self._to_backups[backup] = [change]
+            else:
+                queue.append(change)
+        unit.batch.outcomes[unit.index] = outcome
+        self._effects.append(change)
+        self._written.append(unit)
+        if change.expires:
+            heapq.heappush(self._expiries, (change.expires, op.part, op.map, op.key))
+            if self._expiries[0][0] == change.expires:
+                self._arm_sweeper()
+        listeners = self.listeners.get(op.map)
+        if listeners:
+            self._notify(listeners, op, outcome.change, change.value)
+        self._schedule_flush()
+
+    def _complete(self, unit: Unit, outcome: Outcome) -> None:
+        batch = unit.batch
+        batch.outcomes[unit.index] = outcome
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            batch.finish(batch.outcomes)
+
+    def _journaled(self, units: list[Unit]) -> None:
+        for unit in units:
+            batch = unit.batch
+            batch.remaining -= 1
+            if batch.remaining == 0:
+                batch.finish(batch.outcomes)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Once per loop iteration: one GridOps per owner, one Backup per backup holder,
+        one journal write for everything that changed."""
+        self._flush_due = False
+        if self._to_owners:
+            to_owners, self._to_owners = self._to_owners, {}
+            for holder, units in to_owners.items():
+                request_id = self.host.send_to(holder, GridOps([u.op for u in units]), True)
+                holder.sent[request_id] = units
+        if self._to_backups:
+            to_backups, self._to_backups = self._to_backups, {}
+            for holder, effects in to_backups.items():
+                self.host.send_to(holder, Backup(effects), False)
+        if self._effects:
+            effects, self._effects = self._effects, []
+            written, self._written = self._written, []
+            self.journal.write(effects, lambda: self._journaled(written))
+
+    def outcomes(self, holder: Holder, request_id: int, payload: bytes | memoryview) -> None:
+        """A holder answered a GridOps request."""
+        units = holder.sent.pop(request_id, None)
+        if units is None:
+            return
+        try:
+            outcomes = _outcomes_decoder.decode(payload).outcomes
+        except msgspec.DecodeError as exc:
+            self.host.expel(holder, f"undecodable grid outcomes: {exc}")
+            return
+        if len(outcomes) != len(units):
+            self.host.expel(holder, "grid outcomes do not match the operations sent")
+            return
+        parts = self.parts
+        for unit, outcome in zip(units, outcomes, strict=True):
+            part = parts[unit.op.part]
+            part.inflight -= 1
+            self._applied(unit, outcome)
+            if part.inflight == 0 and part.settled is not None:
+                part.settled.set_result(None)
+                part.settled = None
+
+    # --------------------------------------------------------------- events
+
+    def _notify(self, names: set[str], op: Op, change: int, value: bytes | None) -> None:
+        if change == Change.CLEARED:
+            return  # clear() is one operation, not one event per entry
+        event = GridEvent(op.map, change, op.key, value if change <= Change.UPDATED else None)
+        for name in list(names):
+            try:
+                self.host.deliver(name, event)
+            except MailboxFull as exc:
+                self.stats["grid_events_dropped"] += 1
+                log.warning("entry event for %r not delivered: %s", name, exc)
+
+    def listen(self, name: str, map_name: str, on: bool) -> None:
+        names = self.listeners.setdefault(map_name, set())
+        if on:
+            names.add(name)
+        else:
+            names.discard(name)
+            if not names:
+                del self.listeners[map_name]
+
+    # --------------------------------------------------------------- expiry
+
+    def _watch_expiry(self, index: int, rows: list[Row]) -> None:
+        for map_name, key, _, expires in rows:
+            if expires:
+                heapq.heappush(self._expiries, (expires, index, map_name, key))
+
+    def _arm_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._expiries:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._expiries[0][0] - time.time())
+            self._sweeper = loop.call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        """Expire what is due: an EXPIRE op per entry, ordered with the partition's others
+        (an entry written again since is left alone by it)."""
+        self._sweeper = None
+        now = time.time()
+        due = []
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            expires, part, map_name, key = heapq.heappop(expiries)
+            due.append(Op(map_name, part, Kind.EXPIRE, key, None, None, expires))
+        if due:
+            self.stats["grid_expired_checks"] += len(due)
+            self.submit(due, _ignore)
+        self._arm_sweeper()
+
+    # ------------------------------------------------------------- holders
+
+    def holder_joined(self, name: str, link: Link) -> Holder:
+        holder = Holder(name, link)
+        self.holders[name] = holder
+        log.info("holder %r joined the grid", name)
+        self.rebalance()
+        return holder
+
+    def holder_lost(self, holder: Holder) -> None:
+        """A holder's connection is gone (closed, crashed, timed out)."""
+        if not holder.alive:
+            return
+        holder.alive = False
+        if self.holders.get(holder.name) is holder:
+            del self.holders[holder.name]
+        lost = ConnectionClosed(f"holder {holder.name!r} is gone")
+        for request_id in holder.requests:
+            self.host.fail_request(request_id, lost)
+        holder.requests.clear()
+        units = [u for sent in holder.sent.values() for u in sent]
+        units.extend(self._to_owners.pop(holder, ()))
+        holder.sent.clear()
+        self._to_backups.pop(holder, None)
+        units.sort(key=lambda u: u.order, reverse=True)
+        for unit in units:  # back to the front of their queues, in their order
+            part = self.parts[unit.op.part]
+            part.inflight -= 1
+            part.waiting.appendleft(unit)
+        promoted: dict[Holder, list[int]] = {}
+        for part in self.parts:
+            if holder in part.backups:
+                part.backups.remove(holder)
+            if part.owner is holder and not part.paused:
+                if part.backups:
+                    heir = part.backups.pop(0)
+                    part.owner = heir
+                    promoted.setdefault(heir, []).append(part.index)
+                    self.version += 1
+                else:
+                    self._start_rebuild(part)
+            if part.inflight == 0 and part.settled is not None:
+                part.settled.set_result(None)
+                part.settled = None
+        self._flush()  # effects owed to the heirs as backups go before their promotion
+        for heir, indexes in promoted.items():
+            self.host.send_to(heir, Promote(indexes), False)
+            self.stats["grid_promotions"] += len(indexes)
+        for part in self.parts:
+            if part.waiting and not part.paused:
+                self._drain(part)
+        self._schedule_flush()
+        log.warning(
+            "holder %r left the grid: %d partitions promoted to backups",
+            holder.name,
+            sum(len(p) for p in promoted.values()),
+        )
+        self.rebalance()
+
+    def _start_rebuild(self, part: Partition) -> None:
+        """Owner and backups are gone: the service takes the partition from the journal."""
+        part.paused = True
+        self.stats["grid_rebuilds"] += 1
+        self._spawn(self._rebuild(part))
+
+    async def _rebuild(self, part: Partition) -> None:
+        try:
+            part.data = partition_data(await self._load(part.index))
+            part.owner = None
+            self.version += 1
+        finally:
+            self._resume(part)
+
+    async def leave(self, holder: Holder) -> None:
+        """A holder closing gracefully: move its partitions first."""
+        holder.leaving = True
+        self.rebalance()
+        while self._rebalancer is not None:
+            await asyncio.shield(self._rebalancer)
+
+    # ------------------------------------------------------------ rebalance
+
+    def rebalance(self) -> None:
+        self._rebalance_due = True
+        if self._rebalancer is None:
+            self._rebalancer = asyncio.get_running_loop().create_task(self._rebalancing())
+
+    async def _rebalancing(self) -> None:
+        try:
+            while self._rebalance_due:
+                self._rebalance_due = False
+                holders = [h for h in self.holders.values() if not h.leaving]
+                names = [h.name for h in holders]
+                by_name = {h.name: h for h in holders}
+                target = plan(
+                    [p.owner.name if p.owner else None for p in self.parts],
+                    [[b.name for b in p.backups] for p in self.parts],
+                    names,
+                    self.backup_count,
+                )
+                moves = []
+                for part in self.parts:
+                    owner_name = target.owners[part.index]
+                    owner = by_name[owner_name] if owner_name is not None else None
+                    backups = [by_name[n] for n in target.backups[part.index]]
+                    if part.owner is not owner or part.backups != backups:
+                        moves.append((part, owner, backups))
+                if not moves:
+                    continue
+                log.info("grid rebalance: %d partitions move", len(moves))
+                limit = asyncio.Semaphore(MOVES_AT_ONCE)
+                await asyncio.gather(*(self._move_within(limit, *move) for move in moves))
+        finally:
+            self._rebalancer = None
+
+    async def _move_within(
+        self,
+        limit: asyncio.Semaphore,
+        part: Partition,
+        owner: Holder | None,
+        backups: list[Holder],
+    ) -> None:
+        async with limit:
+            await self._move(part, owner, backups)
+
+    async def _move(self, part: Partition, owner: Holder | None, backups: list[Holder]) -> None:
+        """Give ``part`` to ``owner`` with ``backups``, pausing its operations meanwhile."""
+        part.paused = True
+        try:
+            if part.inflight:
+                part.settled = asyncio.get_running_loop().create_future()
+                await part.settled
+            old = part.owner
+            rows: list[Row] | None = None
+            if old is not owner:
+                if old is not None and old.alive:
+                    await self._release(old, part.index)
+                if owner is not None and owner in part.backups:
+                    part.backups.remove(owner)
+                    if owner.alive:
+                        self._flush()  # its backup effects first
+                        self.host.send_to(owner, Promote([part.index]), False)
+                        self.stats["grid_promotions"] += 1
+                else:
+                    rows = await self._load(part.index)
+                    if owner is not None and owner.alive:
+                        self._send_take(owner, part.index, rows, True)
+                if owner is not None and not owner.alive:
+                    owner = None  # died meanwhile: the service keeps it
+                    rows = rows if rows is not None else await self._load(part.index)
+                if owner is None:
+                    part.data = partition_data(rows if rows is not None else [])
+                else:
+                    part.data = None
+                part.owner = owner
+                self.stats["grid_migrations"] += 1
+            for stale in [b for b in part.backups if b not in backups]:
+                part.backups.remove(stale)
+                if stale.alive and stale is not owner:
+                    await self._release(stale, part.index)
+            fresh = [b for b in backups if b not in part.backups and b is not part.owner]
+            if fresh:
+                if rows is None:
+                    rows = await self._load(part.index)
+                for backup in fresh:
+                    if backup.alive:
+                        self._send_take(backup, part.index, rows, False)
+                        part.backups.append(backup)
+            self.version += 1
+        except Exception:
+            log.exception("moving grid partition %d failed; it stays where it is", part.index)
+            self.rebalance()
+        finally:
+            self._resume(part)
+
+    def _resume(self, part: Partition) -> None:
+        part.paused = False
+        if part.owner is not None and not part.owner.alive:
+            # Died while the partition was paused: its death skipped this partition.
+            if not part.backups:
+                self._start_rebuild(part)
+                return
+            heir = part.backups.pop(0)
+            part.owner = heir
+            self._flush()
+            self.host.send_to(heir, Promote([part.index]), False)
+            self.stats["grid_promotions"] += 1
+        self._drain(part)
+
+    def _drain(self, part: Partition) -> None:
+        waiting = part.waiting
+        while waiting and not part.paused:
+            self._route(waiting.popleft())
+        self._schedule_flush()
+
+    async def _load(self, index: int) -> list[Row]:
+        self._flush()  # the journal read comes after every change taken so far
+        return await self.journal.load(index, time.time())
+
+    async def _release(self, holder: Holder, index: int) -> None:
+        try:
+            await self.host.request_from(holder, Release([index]), CONTROL_TIMEOUT)
+        except (ConnectionClosed, TimeoutError, GridError) as exc:
+            log.info(
+                "holder %r did not confirm releasing partition %d: %s", holder.name, index, exc
+            )
+
+    def _send_take(self, holder: Holder, index: int, rows: list[Row], owner: bool) -> None:
+        """The partition's entries in chunks of about TAKE_CHUNK_BYTES."""
+        chunk: list[tuple[str, bytes, bytes, float]] = []
+        size = 0
+        first = True
+        for row in rows:
+            chunk.append(row)
+            size += len(row[1]) + len(row[2]) + len(row[0]) + 16
+            if size >= TAKE_CHUNK_BYTES:
+                self.host.send_to(holder, Take(index, owner, first, False, chunk), False)
+                chunk, size, first = [], 0, False
+        self.host.send_to(holder, Take(index, owner, first, True, chunk), False)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- status
+
+    def snapshot(self) -> dict[str, object]:
+        owners: dict[str, int] = {}
+        backups: dict[str, int] = {}
+        for part in self.parts:
+            name = part.owner.name if part.owner is not None else SERVICE_NAME
+            owners[name] = owners.get(name, 0) + 1
+            for backup in part.backups:
+                backups[backup.name] = backups.get(backup.name, 0) + 1
+        return {
+            "partitions": self.partition_count,
+            "backups": self.backup_count,
+            "version": self.version,
+            "holders": [
+                {
+                    "name": name,
+                    "owned": owners.get(name, 0),
+                    "backups": backups.get(name, 0),
+                    "leaving": holder.leaving,
+                }
+                for name, holder in self.holders.items()
+            ],
+            "service_owned": owners.get(SERVICE_NAME, 0),
+            "paused": sum(1 for p in self.parts if p.paused),
+            "waiting": sum(len(p.waiting) for p in self.parts),
+            "ops": self.ops,
+            "journal_retries": self.journal.retries,
+            "listeners": {name: sorted(names) for name, names in self.listeners.items()},
+        }
+
+
+def _ignore(_: list[Outcome]) -> None:
+    pass
+
+
+def request_header(packet_id: int, holder: str, packet: Packet, request: bool) -> PacketHeader:
+    """The header of a packet the service sends a holder outside its mailbox."""
+    return PacketHeader(
+        packet_id, _ENDING, holder, SERVICE_NAME, packet.packet_tag, _REQUEST if request else 0
+    )

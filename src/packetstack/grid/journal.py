@@ -1,0 +1,128 @@
+"""The grid's journal: the latest value of every entry, in the embedded store.
+
+The service writes each acknowledged change here before it answers the writer, so a
+partition whose owner and backups all die is rebuilt from the journal, and a restarted
+service starts from it. Writes ride the store's group commits (never on the event loop);
+a commit that fails is retried until it succeeds, and only then is the writer answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+
+from ..storage import EmbeddedStore, Statement
+from .ops import Kind, Op, PartitionData
+
+log = logging.getLogger("packetstack.grid")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS grid (
+    part INTEGER NOT NULL,
+    map TEXT NOT NULL,
+    key BLOB NOT NULL,
+    value BLOB NOT NULL,
+    expires REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (part, map, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS grid_expiry ON grid (expires) WHERE expires > 0;
+"""
+
+_PUT = (
+    "INSERT INTO grid (part, map, key, value, expires) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (part, map, key) DO UPDATE SET value = excluded.value, "
+    "expires = excluded.expires"
+)
+_DELETE = "DELETE FROM grid WHERE part = ? AND map = ? AND key = ?"
+_CLEAR = "DELETE FROM grid WHERE part = ? AND map = ?"
+
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+
+Row = tuple[str, bytes, bytes, float]  # (map, key, value, expires)
+
+
+def statements(effects: list[Op]) -> list[Statement]:
+    """SQL for effects in order; runs of one kind go in one executemany."""
+    out: list[Statement] = []
+    sql = ""
+    rows: list[tuple[object, ...]] = []
+    for op in effects:
+        kind = op.kind
+        row: tuple[object, ...]
+        if kind == Kind.PUT:
+            this, row = _PUT, (op.part, op.map, op.key, op.value, op.expires)
+        elif kind == Kind.DELETE:
+            this, row = _DELETE, (op.part, op.map, op.key)
+        else:
+            this, row = _CLEAR, (op.part, op.map)
+        if this != sql and rows:
+            out.append((sql, rows))
+            rows = []
+        sql = this
+        rows.append(row)
+    if rows:
+        out.append((sql, rows))
+    return out
+
+
+class Journal:
+    def __init__(self, store: EmbeddedStore) -> None:
+        self.store = store
+        self.retries = 0
+
+    async def open(self) -> None:
+        await self.store.read(lambda db: db.executescript(SCHEMA))
+
+    def write(self, effects: list[Op], done: Callable[[], None]) -> None:
+        """Journal ``effects``; call ``done()`` once they are committed."""
+        self._write(statements(effects), done, RETRY_FIRST)
+
+    def _write(self, sql: list[Statement], done: Callable[[], None], delay: float) -> None:
+        def committed(error: BaseException | None) -> None:
+            if error is None:
+                done()
+                return
+            if self.store.closed:
+                log.error("grid journal: store closed with writes failing: %s", error)
+                return
+            self.retries += 1
+            log.warning("grid journal write failed (%s); retrying in %.2f s", error, delay)
+            asyncio.get_running_loop().call_later(
+                delay, self._write, sql, done, min(RETRY_MAX, delay * 2)
+            )
+
+        self.store.write(sql, committed)
+
+    async def load(self, part: int, now: float) -> list[Row]:
+        """Every live entry of one partition, after every write queued so far."""
+
+        def read(db: sqlite3.Connection) -> list[Row]:
+            return db.execute(
+                "SELECT map, key, value, expires FROM grid WHERE part = ? "
+                "AND (expires = 0 OR expires > ?)",
+                (part, now),
+            ).fetchall()
+
+        return await self.store.read(read)
+
+    async def load_all(self) -> dict[int, list[Row]]:
+        def read(db: sqlite3.Connection) -> dict[int, list[Row]]:
+            parts: dict[int, list[Row]] = {}
+            for part, *row in db.execute("SELECT part, map, key, value, expires FROM grid"):
+                parts.setdefault(part, []).append(tuple(row))
+            return parts
+
+        return await self.store.read(read)
+
+
+def partition_data(rows: list[Row]) -> PartitionData:
+    data: PartitionData = {}
+    for map_name, key, value, expires in rows:
+        entries = data.get(map_name)
+        if entries is None:
+            entries = data[map_name] = {}
+        entries[key] = (value, expires)
+    return data

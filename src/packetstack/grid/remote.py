@@ -1,0 +1,158 @@
+"""The grid as a client sees it: ``client.grid``.
+
+Operations go to the service as GridOps requests. A client made with ``holds_data=True``
+also holds partitions: it applies the operations the service sends it, keeps backups, and
+serves reads of keys it owns without the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+from ..codec import Packet
+from ..dispatch import Context
+from ..protocol import SERVICE_NAME, PacketHeader
+from .holding import Holding
+from .maps import Map
+from .messages import (
+    Backup,
+    GridDone,
+    GridEvent,
+    GridOps,
+    GridOutcomes,
+    Leave,
+    Listen,
+    Promote,
+    Release,
+    Take,
+)
+from .ops import Outcome, PartitionData
+from .partitions import DEFAULT_PARTITIONS
+
+if TYPE_CHECKING:
+    from ..client import Client
+    from ..transport import Link
+
+log = logging.getLogger("packetstack.grid")
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+LEAVE_TIMEOUT = 30.0
+
+_DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
+    cls.packet_tag: msgspec.msgpack.Decoder(cls)
+    for cls in (GridOps, Backup, Take, Promote, Release)
+}
+HOLDER_TAGS = frozenset(_DECODERS)
+
+
+class ClientGrid:
+    def __init__(self, client: Client, holds_data: bool) -> None:
+        self._client = client
+        self.holding = Holding() if holds_data else None
+        self.partitions = DEFAULT_PARTITIONS
+        self._watched: dict[str, list[Map[Any, Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        client.on(GridEvent)(self._event)
+
+    def map(
+        self,
+        name: str,
+        value_type: type[V] | Any,
+        key_type: type[K] | Any = Any,
+        *,
+        near_cache: bool = False,
+    ) -> Map[K, V]:
+        """A typed view of the grid map ``name`` (see :class:`~packetstack.grid.Map`)."""
+        return Map(self, name, value_type, key_type, near_cache=near_cache)
+
+    # --------------------------------------------------------- GridBackend
+
+    def local(self, part: int) -> PartitionData | None:
+        holding = self.holding
+        return holding.owned.get(part) if holding is not None else None
+
+    async def run(self, ops: list[Any]) -> list[Outcome]:
+        reply: GridOutcomes = await self._client.request(SERVICE_NAME, GridOps(ops))
+        return reply.outcomes
+
+    async def listen(self, map_name: str, on: bool) -> None:
+        await self._client.request(SERVICE_NAME, Listen(map_name, on))
+
+    def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
+        maps = self._watched.setdefault(grid_map.name, [])
+        if on and grid_map not in maps:
+            maps.append(grid_map)
+        elif not on and grid_map in maps:
+            maps.remove(grid_map)
+
+    async def _event(self, event: GridEvent, _: Context) -> None:
+        for grid_map in list(self._watched.get(event.map, ())):
+            await grid_map.event(event.change, event.key, event.value)
+
+    # ------------------------------------------------------ the connection
+
+    def receive(self, link: Link, header: PacketHeader, payload: bytes | memoryview) -> None:
+        """A grid packet from the service (only holders get them)."""
+        holding = self.holding
+        if holding is None:
+            log.warning("grid packet %r for a client that holds no data", header.tag)
+            return
+        message = _DECODERS[header.tag].decode(payload)
+        kind = type(message)
+        reply: Packet
+        if kind is GridOps:
+            reply = holding.apply(message)
+        elif kind is Backup:
+            holding.backup(message)
+            return
+        elif kind is Take:
+            holding.take(message)
+            return
+        elif kind is Promote:
+            holding.promote(message)
+            return
+        else:
+            holding.release(message)
+            reply = GridDone()
+        link.write_packet(*self._client._reply(header, reply, None))
+
+    def connected(self, welcome_partitions: int) -> None:
+        if welcome_partitions:
+            self.partitions = welcome_partitions
+        renew = {
+            name
+            for name, maps in self._watched.items()
+            for grid_map in maps
+            if grid_map.reconnected()
+        }
+        if renew:
+            task = asyncio.get_running_loop().create_task(self._renew(renew))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _renew(self, names: set[str]) -> None:
+        for name in sorted(names):
+            try:
+                await self.listen(name, True)
+            except Exception as exc:  # the next reconnect tries again
+                log.warning("could not renew the entry events of map %r: %s", name, exc)
+
+    def lost(self) -> None:
+        """The connection is gone: the service hands our partitions to others."""
+        if self.holding is not None:
+            self.holding.reset()
+
+    async def leave(self) -> None:
+        """Before a holder closes: wait until the service moved its partitions away."""
+        if self.holding is None or not self._client.connected:
+            return
+        try:
+            await self._client.request(SERVICE_NAME, Leave(), timeout=LEAVE_TIMEOUT)
+        except Exception as exc:
+            log.warning("%s left the grid without handing over: %s", self._client.name, exc)

@@ -1,0 +1,224 @@
+"""The data grid inside the service: glue between the Coordinator and the sessions, and
+``service.grid``, the service's own map API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import msgspec
+
+from ..codec import Packet
+from ..dispatch import Context, error_body
+from ..errors import CloseCode, ConnectionClosed, ErrorCode, GridError, PermissionDenied
+from ..grid.coordinator import Coordinator, Holder, request_header
+from ..grid.maps import Map
+from ..grid.messages import GridDone, GridEvent, GridOps, GridOutcomes, Leave, Listen
+from ..grid.ops import READS, Op, Outcome, PartitionData
+from ..protocol import SERVICE_NAME, PacketHeader, PacketReceived
+from ..storage import EmbeddedStore
+from .auth import ANYTHING, Principal
+
+if TYPE_CHECKING:
+    from .service import Service
+    from .session import Session
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+OPS_TAG = GridOps.packet_tag
+OUTCOMES_TAG = GridOutcomes.packet_tag
+_ops_decoder = msgspec.msgpack.Decoder(GridOps)
+
+
+class ServiceGrid:
+    """``service.grid``: ``service.grid.map("players", Player)`` works as on a client."""
+
+    def __init__(self, service: Service, store: EmbeddedStore) -> None:
+        cfg = service.config
+        self._service = service
+        self.stats: Counter[str] = service.stats
+        self.partitions = cfg.grid_partitions
+        self.coordinator = Coordinator(self, store, cfg.grid_partitions, cfg.grid_backups)
+        self._watched: dict[str, list[Map[Any, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._install()
+
+    async def open(self) -> None:
+        await self.coordinator.open()
+
+    async def close(self) -> None:
+        await self.coordinator.close()
+
+    def map(
+        self,
+        name: str,
+        value_type: type[V] | Any,
+        key_type: type[K] | Any = Any,
+        *,
+        near_cache: bool = False,
+    ) -> Map[K, V]:
+        return Map(self, name, value_type, key_type, near_cache=near_cache)
+
+    # ------------------------------------------------------------- sessions
+
+    def holder_problem(self, principal: Principal) -> str | None:
+        """Why this principal may not hold data, or None. A holder sees every map."""
+        if principal.read == ANYTHING and principal.write == ANYTHING:
+            return None
+        return (
+            f"principal {principal.name!r} may not hold grid data: a holder keeps entries of "
+            "every map, so it needs read = ['*'] and write = ['*']"
+        )
+
+    def joined(self, session: Session) -> None:
+        session.holder = self.coordinator.holder_joined(session.name, session.link)
+
+    def left(self, session: Session) -> None:
+        if session.holder is not None:
+            self.coordinator.holder_lost(session.holder)
+
+    def request(self, session: Session, event: PacketReceived) -> None:
+        """A client's GridOps request: check, then run; answered when done."""
+        header = event.header
+        try:
+            ops = _ops_decoder.decode(event.payload).ops
+        except msgspec.DecodeError as exc:
+            self._refuse(session, header, GridError(f"malformed grid request: {exc}"))
+            return
+        problem = self.coordinator.prepare(ops, time.time())
+        if problem is not None:
+            self._refuse(session, header, GridError(problem))
+            return
+        principal = session.principal
+        if principal.read != ANYTHING or principal.write != ANYTHING:
+            for op in ops:
+                action: Literal["read", "write"] = "read" if op.kind in READS else "write"
+                if not principal.allows(action, op.map):
+                    why = f"principal {principal.name!r} may not {action} map {op.map!r}"
+                    self._service._denied(why)
+                    self._refuse(session, header, PermissionDenied(why))
+                    return
+        name = session.name
+
+        def finish(outcomes: list[Outcome]) -> None:
+            requester = self._service.endings.get(name)
+            if requester is None or requester.link.closed:
+                return  # gone: it asks again, and reads the value it wrote
+            reply, body = self._service._reply(header, GridOutcomes(outcomes), None)
+            requester.link.write_packet(reply, body)
+
+        self.coordinator.submit(ops, finish)
+
+    def _refuse(self, session: Session, header: PacketHeader, exc: Exception) -> None:
+        code = ErrorCode.PERMISSION_DENIED if isinstance(exc, PermissionDenied) else ErrorCode.GRID
+        self.stats["grid_refused"] += 1
+        reply, body = self._service._reply(header, None, error_body(code, exc))
+        session.link.write_packet(reply, body)
+
+    def outcomes(self, session: Session, event: PacketReceived) -> None:
+        holder = session.holder
+        if holder is None:
+            session.link.close(CloseCode.PROTOCOL_ERROR, "grid outcomes from a non-holder")
+            return
+        self.coordinator.outcomes(holder, event.header.corr, event.payload)
+
+    def _install(self) -> None:
+        service = self._service
+
+        @service.on(Listen)
+        async def listen(request: Listen, ctx: Context) -> GridDone:
+            session = service.endings.get(ctx.sender)
+            if session is not None and not session.principal.allows("read", request.map):
+                why = f"principal {session.principal.name!r} may not read map {request.map!r}"
+                service._denied(why)
+                raise PermissionDenied(why)
+            self.coordinator.listen(ctx.sender, request.map, request.on)
+            return GridDone()
+
+        @service.on(Leave)
+        async def leave(_: Leave, ctx: Context) -> GridDone:
+            session = service.endings.get(ctx.sender)
+            if session is not None and session.holder is not None:
+                await self.coordinator.leave(session.holder)
+            return GridDone()
+
+    # --------------------------------------------------------------- GridHost
+
+    def send_to(self, holder: Holder, packet: Packet, request: bool) -> int:
+        packet_id = next(self._service._ids)
+        header = request_header(packet_id, holder.name, packet, request)
+        with contextlib.suppress(ConnectionClosed):  # its loss is handled: its part goes elsewhere
+            holder.link.write_packet(header, packet)
+        return packet_id
+
+    async def request_from(self, holder: Holder, packet: Packet, timeout: float) -> object:
+        packet_id = next(self._service._ids)
+        pending = self._service._pending
+        future = pending.expect(packet_id, timeout, packet.packet_tag, holder.name)
+        holder.requests.add(packet_id)
+        try:
+            holder.link.write_packet(request_header(packet_id, holder.name, packet, True), packet)
+            reply = await future
+        except ConnectionClosed:
+            pending.forget(packet_id)
+            raise
+        finally:
+            holder.requests.discard(packet_id)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def fail_request(self, request_id: int, error: BaseException) -> None:
+        self._service._pending.fail(request_id, error)
+
+    def deliver(self, name: str, packet: Packet) -> None:
+        if name == SERVICE_NAME:
+            assert isinstance(packet, GridEvent)
+            task = asyncio.get_running_loop().create_task(self._event(packet))
+            self._service._background.add(task)
+            task.add_done_callback(self._service._background.discard)
+            return
+        service = self._service
+        header = service._addressed(name, packet, 0)
+        service._transmit(header, packet, False)
+
+    def expel(self, holder: Holder, reason: str) -> None:
+        holder.link.close(CloseCode.PROTOCOL_ERROR, reason)
+
+    # ------------------------------------------------------------ GridBackend
+
+    def local(self, part: int) -> PartitionData | None:
+        partition = self.coordinator.parts[part]
+        return partition.data if partition.owner is None else None
+
+    async def run(self, ops: list[Op]) -> list[Outcome]:
+        problem = self.coordinator.prepare(ops, time.time())
+        if problem is not None:
+            raise GridError(problem)
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+
+        def finish(outcomes: list[Outcome]) -> None:
+            if not future.done():
+                future.set_result(outcomes)
+
+        self.coordinator.submit(ops, finish)
+        return await future
+
+    async def listen(self, map_name: str, on: bool) -> None:
+        self.coordinator.listen(SERVICE_NAME, map_name, on)
+
+    def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
+        maps = self._watched.setdefault(grid_map.name, [])
+        if on and grid_map not in maps:
+            maps.append(grid_map)
+        elif not on and grid_map in maps:
+            maps.remove(grid_map)
+
+    async def _event(self, event: GridEvent) -> None:
+        for grid_map in list(self._watched.get(event.map, ())):
+            await grid_map.event(event.change, event.key, event.value)
