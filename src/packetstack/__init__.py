@@ -11,6 +11,7 @@ from .errors import (
     ConnectionClosed,
     ConnectionFailed,
     DeliveryError,
+    GridError,
     HandshakeRefused,
     InvalidName,
     MailboxFull,
@@ -25,6 +26,7 @@ from .errors import (
     UnknownDestination,
     UnknownPacketType,
 )
+from .grid import EntryEvent, Map
 from .notices import Expired
 from .service import Principal, Service, ServiceConfig
 
@@ -39,7 +41,10 @@ __all__ = [
     "ConnectionFailed",
     "Context",
     "DeliveryError",
+    "EntryEvent",
     "Expired",
+    "GridError",
+    "Map",
     "HandshakeRefused",
     "InvalidName",
     "MailboxFull",

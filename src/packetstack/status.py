@@ -152,7 +152,8 @@ def _explain(exc: PacketStackError, url: str, connected: bool) -> StatusFailed:
 
 
 def render(snapshot: dict[str, Any], limit: int = 100, every: float | None = None) -> Group:
-    """The snapshot as rich tables: overview, endings, groups, mailboxes, counters, store."""
+    """The snapshot as rich tables: overview, endings, groups, mailboxes, grid, counters,
+    store."""
     endings: list[dict[str, Any]] = snapshot["endings"]
     connected = sum(1 for ending in endings if ending["connected"])
     when = time.strftime("%H:%M:%S")
@@ -170,6 +171,7 @@ def render(snapshot: dict[str, Any], limit: int = 100, every: float | None = Non
         _endings(endings, limit),
         _groups(snapshot["groups"], limit),
         _mailboxes(endings, limit),
+        _grid(snapshot.get("grid"), limit),
         _counters(snapshot),
         _store(snapshot["store"]),
     )
@@ -179,7 +181,17 @@ def _table(title: str, *columns: str, shown: int = 0, total: int = 0) -> Table:
     caption = f"first {shown} of {total}" if shown < total else None
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column in columns:
-        numeric = column in ("depth", "in flight", "stored", "bytes", "acked", "members", "count")
+        numeric = column in (
+            "depth",
+            "in flight",
+            "stored",
+            "bytes",
+            "acked",
+            "members",
+            "count",
+            "owned",
+            "backups",
+        )
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     return table
 
@@ -258,6 +270,36 @@ def _mailboxes(endings: list[dict[str, Any]], limit: int) -> RenderableType:
             str(ending["acked"]),
         )
     return table
+
+
+def _grid(grid: dict[str, Any] | None, limit: int) -> RenderableType:
+    """Partitions per holder, the service's own first, and a summary line."""
+    if grid is None:  # a service from before the grid
+        return Text("Grid: not reported by this service", style="italic")
+    holders: list[dict[str, Any]] = grid["holders"]
+    table = _table(
+        "Grid",
+        "holder",
+        "owned",
+        "backups",
+        "leaving",
+        shown=min(limit, len(holders)),
+        total=len(holders),
+    )
+    table.add_row("the service", str(grid["service_owned"]), "", "")
+    for holder in holders[:limit]:
+        table.add_row(
+            holder["name"],
+            str(holder["owned"]),
+            str(holder["backups"]),
+            "[yellow]yes[/]" if holder["leaving"] else "[dim]no[/]",
+        )
+    summary = Text(
+        f"partitions {grid['partitions']}, backups {grid['backups']} per partition, "
+        f"holders {len(holders)}, table version {grid['version']}, "
+        f"paused {grid['paused']}, waiting {grid['waiting']:,}, ops {grid['ops']:,}"
+    )
+    return Group(table, summary)
 
 
 def _counters(snapshot: dict[str, Any]) -> Table:

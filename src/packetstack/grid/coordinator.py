@@ -111,7 +111,17 @@ class Unit:
 
 
 class Partition:
-    __slots__ = ("backups", "data", "index", "inflight", "owner", "paused", "settled", "waiting")
+    __slots__ = (
+        "backups",
+        "data",
+        "index",
+        "inflight",
+        "lock",
+        "owner",
+        "paused",
+        "settled",
+        "waiting",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -122,6 +132,9 @@ class Partition:
         self.waiting: deque[Unit] = deque()
         self.inflight = 0  # units at the owner, unanswered
         self.settled: asyncio.Future[None] | None = None
+        # Held by whatever changes the partition's owner or backups (a move, a rebuild):
+        # one at a time, or a late one would undo an earlier one.
+        self.lock = asyncio.Lock()
 
 
 _PENDING = Outcome(error="pending")
@@ -425,10 +438,12 @@ class Coordinator:
             if part.waiting and not part.paused:
                 self._drain(part)
         self._schedule_flush()
-        log.warning(
-            "holder %r left the grid: %d partitions promoted to backups",
+        promotions = sum(len(p) for p in promoted.values())
+        (log.info if holder.leaving else log.warning)(
+            "holder %r left the grid%s: %d partitions promoted to backups",
             holder.name,
-            sum(len(p) for p in promoted.values()),
+            "" if holder.leaving else " without handing over",
+            promotions,
         )
         self.rebalance()
 
@@ -439,12 +454,15 @@ class Coordinator:
         self._spawn(self._rebuild(part))
 
     async def _rebuild(self, part: Partition) -> None:
-        try:
-            part.data = partition_data(await self._load(part.index))
-            part.owner = None
-            self.version += 1
-        finally:
-            self._resume(part)
+        async with part.lock:
+            part.paused = True
+            try:
+                if part.owner is not None and not part.owner.alive:  # nobody fixed it since
+                    part.data = partition_data(await self._load(part.index))
+                    part.owner = None
+                    self.version += 1
+            finally:
+                self._resume(part)
 
     async def leave(self, holder: Holder) -> None:
         """A holder closing gracefully: move its partitions first."""
@@ -500,6 +518,12 @@ class Coordinator:
 
     async def _move(self, part: Partition, owner: Holder | None, backups: list[Holder]) -> None:
         """Give ``part`` to ``owner`` with ``backups``, pausing its operations meanwhile."""
+        async with part.lock:
+            await self._move_locked(part, owner, backups)
+
+    async def _move_locked(
+        self, part: Partition, owner: Holder | None, backups: list[Holder]
+    ) -> None:
         part.paused = True
         try:
             if part.inflight:

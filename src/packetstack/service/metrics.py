@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
+
+from ..protocol import SERVICE_NAME
 
 if TYPE_CHECKING:
     from .service import Service
@@ -55,7 +57,28 @@ NAMED_STATS = {
         "Times a connection's reading was paused for its rate_limit.",
     ),
 }
-_OWN_METRIC = set(MAILBOX_OUTCOMES.values()) | set(NAMED_STATS)
+# Grid counters of service.stats with a metric of their own (the others, grid_expired_checks
+# and grid_events_dropped, are kinds of packetstack_events_total).
+GRID_STATS = {
+    "grid_migrations": (
+        "grid_migrations",
+        "Grid partitions that changed owner (to a holder, or back to the service).",
+    ),
+    "grid_promotions": (
+        "grid_promotions",
+        "Grid partitions whose backup holder was promoted to owner.",
+    ),
+    "grid_rebuilds": (
+        "grid_rebuilds",
+        "Grid partitions rebuilt from the journal by the service (owner and backups gone).",
+    ),
+    "grid_refused": (
+        "grid_requests_refused",
+        "Grid requests refused: malformed, invalid, or not allowed by the principal's ACL "
+        "(those count in packetstack_permission_denied_total too).",
+    ),
+}
+_OWN_METRIC = set(MAILBOX_OUTCOMES.values()) | set(NAMED_STATS) | set(GRID_STATS)
 
 
 class ServiceCollector:
@@ -145,6 +168,8 @@ class ServiceCollector:
             store["unsaved_rows"],
         )
 
+        yield from _grid(snapshot["grid"], stats)
+
         events = CounterMetricFamily(
             "packetstack_events",
             "Other events and errors by kind, one per key of Service.stats that has no metric "
@@ -156,6 +181,60 @@ class ServiceCollector:
             if kind not in _OWN_METRIC:
                 events.add_metric([kind], count)
         yield events
+
+
+def _grid(grid: dict[str, Any], stats: dict[str, int]) -> Iterator[Metric]:
+    """The data grid's metrics, from ``Coordinator.snapshot()`` and the grid counters."""
+    holders: list[dict[str, Any]] = grid["holders"]
+    owned = GaugeMetricFamily(
+        "packetstack_grid_partitions",
+        "Grid partitions owned, by holder; the service's own under "
+        f'holder="{SERVICE_NAME}". They add up to the number of partitions.',
+        labels=["holder"],
+    )
+    owned.add_metric([SERVICE_NAME], grid["service_owned"])
+    backups = GaugeMetricFamily(
+        "packetstack_grid_backups",
+        "Grid partitions a holder keeps a backup copy of, by holder.",
+        labels=["holder"],
+    )
+    for holder in holders:
+        owned.add_metric([holder["name"]], holder["owned"])
+        backups.add_metric([holder["name"]], holder["backups"])
+    yield owned
+    yield backups
+    yield _gauge(
+        "grid_holders",
+        "Connected endings that hold grid partitions, leaving ones included.",
+        len(holders),
+    )
+    yield _gauge(
+        "grid_version",
+        "Version of the grid's partition table: one more at every change of hands.",
+        grid["version"],
+    )
+    yield _gauge(
+        "grid_paused_partitions",
+        "Grid partitions paused while they change hands or are rebuilt.",
+        grid["paused"],
+    )
+    yield _gauge(
+        "grid_waiting_operations",
+        "Grid operations queued at the service for a paused or busy partition.",
+        grid["waiting"],
+    )
+    yield _counter(
+        "grid_operations",
+        "Grid operations submitted to the service (expiry checks included).",
+        grid["ops"],
+    )
+    for key, (name, doc) in GRID_STATS.items():
+        yield _counter(name, doc, stats.get(key, 0))
+    yield _counter(
+        "grid_journal_retries",
+        "Failed writes of the grid journal, retried.",
+        grid["journal_retries"],
+    )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
