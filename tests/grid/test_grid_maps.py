@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from packetstack import Client, GridError, PermissionDenied, Principal, Service
+from packetstack.codec import encode
 from packetstack.grid import EntryEvent
 from packetstack.grid.messages import GridOps
 from packetstack.grid.ops import Op
@@ -94,7 +95,7 @@ async def test_bulk_size_items_clear(user: Client) -> None:
     assert got == {i: i * i for i in range(5000)}
     items = {k: v async for k, v in m.items()}
     assert items == {i: i * i for i in range(5000)}
-    assert sorted([k async for k in m.keys()]) == list(range(5000))
+    assert sorted([k async for k in m.keys()]  # noqa: SIM118 (an async iterator)) == list(range(5000))
     await m.clear()
     assert await m.size() == 0
     assert await m.get(7) is None
@@ -110,7 +111,7 @@ async def test_key_types(user: Client) -> None:
         assert await m.get(key) == str(index)
     typed = user.grid.map("uuids", int, uuid.UUID)
     await typed.put(uid, 1)
-    assert [k async for k in typed.keys()] == [uid]
+    assert [k async for k in typed.keys()]  # noqa: SIM118 == [uid]
     for bad in (1.5, None, ["list"], True):
         with pytest.raises(TypeError, match="grid key"):
             await m.put(bad, "x")
@@ -173,7 +174,7 @@ async def test_near_cache_is_invalidated_by_other_writers(user: Client, make_cli
     assert await cached.get("k") == 1
     assert cached.near_hits == hits + 1  # served without the network
     await w.put("k", 2)
-    await eventually(lambda: "k".encode() not in (cached.near_cache or {}), timeout=5)
+    await eventually(lambda: encode("k") not in (cached.near_cache or {}), timeout=5)
     assert await cached.get("k") == 2
     await cached.put("k", 3)  # our own write: invalidated at once
     assert await cached.get("k") == 3
