@@ -9,14 +9,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from support import eventually
 
 from packetstack import Client, GridError, PermissionDenied, Principal, Service
 from packetstack.codec import encode
 from packetstack.grid import EntryEvent
 from packetstack.grid.messages import GridOps
 from packetstack.grid.ops import Op
-
-from support import eventually
 
 
 class Player(msgspec.Struct):
@@ -95,7 +94,8 @@ async def test_bulk_size_items_clear(user: Client) -> None:
     assert got == {i: i * i for i in range(5000)}
     items = {k: v async for k, v in m.items()}
     assert items == {i: i * i for i in range(5000)}
-    assert sorted([k async for k in m.keys()]  # noqa: SIM118 (an async iterator)) == list(range(5000))
+    keys = [k async for k in m.keys()]  # noqa: SIM118 (an async iterator, not a dict)
+    assert sorted(keys) == list(range(5000))
     await m.clear()
     assert await m.size() == 0
     assert await m.get(7) is None
