@@ -111,7 +111,8 @@ async def test_key_types(user: Client) -> None:
         assert await m.get(key) == str(index)
     typed = user.grid.map("uuids", int, uuid.UUID)
     await typed.put(uid, 1)
-    assert [k async for k in typed.keys()]  # noqa: SIM118 == [uid]
+    uuid_keys = [k async for k in typed.keys()]  # noqa: SIM118
+    assert uuid_keys == [uid]
     for bad in (1.5, None, ["list"], True):
         with pytest.raises(TypeError, match="grid key"):
             await m.put(bad, "x")
