@@ -244,3 +244,13 @@ async def test_map_permissions(make_service: Any, tmp_path: Any) -> None:
         assert service.stats["permission_denied"] == 4
         with pytest.raises(PermissionDenied, match="may not hold grid data"):
             await Client("h", service.url, token="w", holds_data=True).connect()
+
+
+async def test_values_larger_than_a_chunk_travel_in_chunks(
+    user: Client, service: Service
+) -> None:
+    big = user.grid.map("big", bytes)
+    value = bytes(range(256)) * (3 * service.config.chunk_size // 256 + 1)
+    await big.put_all({"a": value, "b": value[::-1]})
+    assert await big.get("a") == value
+    assert await big.get_all(["a", "b"]) == {"a": value, "b": value[::-1]}

@@ -57,6 +57,27 @@ class GridBackend(Protocol):
         """Route this map's entry events to ``grid_map`` (or stop)."""
 
 
+class Watchers:
+    """The maps of one process that want their entry events, by map name."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, list[Map[Any, Any]]] = {}
+
+    def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
+        maps = self._maps.setdefault(grid_map.name, [])
+        if on and grid_map not in maps:
+            maps.append(grid_map)
+        elif not on and grid_map in maps:
+            maps.remove(grid_map)
+
+    def all(self) -> list[Map[Any, Any]]:
+        return [grid_map for maps in self._maps.values() for grid_map in maps]
+
+    async def event(self, map_name: str, change: int, key: bytes, value: bytes | None) -> None:
+        for grid_map in list(self._maps.get(map_name, ())):
+            await grid_map.event(change, key, value)
+
+
 class EntryEvent(msgspec.Struct, Generic[K, V], frozen=True):
     """A change to an entry: ``kind`` is "added", "updated", "removed" or "expired";
     ``value`` is the new value for added and updated, else None."""

@@ -17,7 +17,7 @@ from ..codec import Packet
 from ..dispatch import Context
 from ..protocol import SERVICE_NAME, PacketHeader
 from .holding import Holding
-from .maps import Map
+from .maps import Map, Watchers
 from .messages import (
     Backup,
     GridDone,
@@ -56,7 +56,8 @@ class ClientGrid:
         self._client = client
         self.holding = Holding() if holds_data else None
         self.partitions = DEFAULT_PARTITIONS
-        self._watched: dict[str, list[Map[Any, Any]]] = {}
+        self._watchers = Watchers()
+        self.watch = self._watchers.watch
         self._tasks: set[asyncio.Task[None]] = set()
         client.on(GridEvent)(self._event)
 
@@ -84,16 +85,8 @@ class ClientGrid:
     async def listen(self, map_name: str, on: bool) -> None:
         await self._client.request(SERVICE_NAME, Listen(map_name, on))
 
-    def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
-        maps = self._watched.setdefault(grid_map.name, [])
-        if on and grid_map not in maps:
-            maps.append(grid_map)
-        elif not on and grid_map in maps:
-            maps.remove(grid_map)
-
     async def _event(self, event: GridEvent, _: Context) -> None:
-        for grid_map in list(self._watched.get(event.map, ())):
-            await grid_map.event(event.change, event.key, event.value)
+        await self._watchers.event(event.map, event.change, event.key, event.value)
 
     # ------------------------------------------------------ the connection
 
@@ -125,12 +118,7 @@ class ClientGrid:
     def connected(self, welcome_partitions: int) -> None:
         if welcome_partitions:
             self.partitions = welcome_partitions
-        renew = {
-            name
-            for name, maps in self._watched.items()
-            for grid_map in maps
-            if grid_map.reconnected()
-        }
+        renew = {grid_map.name for grid_map in self._watchers.all() if grid_map.reconnected()}
         if renew:
             task = asyncio.get_running_loop().create_task(self._renew(renew))
             self._tasks.add(task)

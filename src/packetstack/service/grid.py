@@ -16,7 +16,7 @@ from ..codec import Packet
 from ..dispatch import Context, error_body
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, GridError, PermissionDenied
 from ..grid.coordinator import Coordinator, Holder, request_header
-from ..grid.maps import Map
+from ..grid.maps import Map, Watchers
 from ..grid.messages import GridDone, GridEvent, GridOps, GridOutcomes, Leave, Listen
 from ..grid.ops import READS, Op, Outcome, PartitionData
 from ..protocol import SERVICE_NAME, PacketHeader, PacketReceived
@@ -44,7 +44,8 @@ class ServiceGrid:
         self.stats: Counter[str] = service.stats
         self.partitions = cfg.grid_partitions
         self.coordinator = Coordinator(self, store, cfg.grid_partitions, cfg.grid_backups)
-        self._watched: dict[str, list[Map[Any, Any]]] = {}
+        self._watchers = Watchers()
+        self.watch = self._watchers.watch
         self._ids = itertools.count(1)
         self._install()
 
@@ -179,7 +180,8 @@ class ServiceGrid:
     def deliver(self, name: str, packet: Packet) -> None:
         if name == SERVICE_NAME:
             assert isinstance(packet, GridEvent)
-            task = asyncio.get_running_loop().create_task(self._event(packet))
+            event = self._watchers.event(packet.map, packet.change, packet.key, packet.value)
+            task = asyncio.get_running_loop().create_task(event)
             self._service._background.add(task)
             task.add_done_callback(self._service._background.discard)
             return
@@ -211,14 +213,3 @@ class ServiceGrid:
 
     async def listen(self, map_name: str, on: bool) -> None:
         self.coordinator.listen(SERVICE_NAME, map_name, on)
-
-    def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
-        maps = self._watched.setdefault(grid_map.name, [])
-        if on and grid_map not in maps:
-            maps.append(grid_map)
-        elif not on and grid_map in maps:
-            maps.remove(grid_map)
-
-    async def _event(self, event: GridEvent) -> None:
-        for grid_map in list(self._watched.get(event.map, ())):
-            await grid_map.event(event.change, event.key, event.value)
