@@ -13,7 +13,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -40,23 +40,6 @@ EVENT_KINDS = {
 }
 
 
-class GridBackend(Protocol):
-    """How a Map reaches the grid: the client's connection or the service itself."""
-
-    partitions: int
-
-    def local(self, part: int) -> PartitionData | None:
-        """This process's data of ``part`` if it owns it now, else None."""
-
-    async def run(self, ops: list[Op]) -> list[Outcome]:
-        """Run ops through the service, in order per partition."""
-
-    async def listen(self, map_name: str, on: bool) -> None: ...
-
-    def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
-        """Route this map's entry events to ``grid_map`` (or stop)."""
-
-
 class Watchers:
     """The maps of one process that want their entry events, by map name."""
 
@@ -76,6 +59,43 @@ class Watchers:
     async def event(self, map_name: str, change: int, key: bytes, value: bytes | None) -> None:
         for grid_map in list(self._maps.get(map_name, ())):
             await grid_map.event(change, key, value)
+
+
+class GridFront:
+    """``client.grid`` and ``service.grid``: where maps come from, and how they reach the
+    grid (the client's connection, or the service itself)."""
+
+    partitions: int
+
+    def __init__(self) -> None:
+        self._watchers = Watchers()
+
+    def local(self, part: int) -> PartitionData | None:
+        """This process's data of ``part`` if it owns it now, else None."""
+        raise NotImplementedError
+
+    async def run(self, ops: list[Op]) -> list[Outcome]:
+        """Run ops through the service, in order per partition."""
+        raise NotImplementedError
+
+    async def listen(self, map_name: str, on: bool) -> None:
+        """Subscribe this ending to the map's entry events (or stop)."""
+        raise NotImplementedError
+
+    def map(
+        self,
+        name: str,
+        value_type: type[V] | Any,
+        key_type: type[K] | Any = Any,
+        *,
+        near_cache: bool = False,
+    ) -> Map[K, V]:
+        """A typed view of the grid map ``name``: values of ``value_type``, keys decoded as
+        ``key_type`` by keys() and items() (default: as msgpack gives them back)."""
+        return Map(self, name, value_type, key_type, near_cache=near_cache)
+
+    def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
+        self._watchers.watch(grid_map, on)
 
 
 class EntryEvent(msgspec.Struct, Generic[K, V], frozen=True):
@@ -107,7 +127,7 @@ class Map(Generic[K, V]):
 
     def __init__(
         self,
-        backend: GridBackend,
+        backend: GridFront,
         name: str,
         value_type: type[V] | Any,
         key_type: type[K] | Any = Any,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -17,7 +17,7 @@ from ..codec import Packet
 from ..dispatch import Context
 from ..protocol import SERVICE_NAME, PacketHeader
 from .holding import Holding
-from .maps import Map, Watchers
+from .maps import GridFront
 from .messages import (
     Backup,
     GridDone,
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("packetstack.grid")
 
-K = TypeVar("K")
-V = TypeVar("V")
-
 LEAVE_TIMEOUT = 30.0
 
 _DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
@@ -51,28 +48,16 @@ _DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
 HOLDER_TAGS = frozenset(_DECODERS)
 
 
-class ClientGrid:
+class ClientGrid(GridFront):
     def __init__(self, client: Client, holds_data: bool) -> None:
+        super().__init__()
         self._client = client
         self.holding = Holding() if holds_data else None
         self.partitions = DEFAULT_PARTITIONS
-        self._watchers = Watchers()
-        self.watch = self._watchers.watch
         self._tasks: set[asyncio.Task[None]] = set()
         client.on(GridEvent)(self._event)
 
-    def map(
-        self,
-        name: str,
-        value_type: type[V] | Any,
-        key_type: type[K] | Any = Any,
-        *,
-        near_cache: bool = False,
-    ) -> Map[K, V]:
-        """A typed view of the grid map ``name`` (see :class:`~packetstack.grid.Map`)."""
-        return Map(self, name, value_type, key_type, near_cache=near_cache)
-
-    # --------------------------------------------------------- GridBackend
+    # ----------------------------------------------------------- GridFront
 
     def local(self, part: int) -> PartitionData | None:
         holding = self.holding

@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
@@ -16,7 +16,7 @@ from ..codec import Packet
 from ..dispatch import Context, error_body
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, GridError, PermissionDenied
 from ..grid.coordinator import Coordinator, Holder, request_header
-from ..grid.maps import Map, Watchers
+from ..grid.maps import GridFront
 from ..grid.messages import GridDone, GridEvent, GridOps, GridOutcomes, Leave, Listen
 from ..grid.ops import READS, Op, Outcome, PartitionData
 from ..protocol import SERVICE_NAME, PacketHeader, PacketReceived
@@ -27,25 +27,21 @@ if TYPE_CHECKING:
     from .service import Service
     from .session import Session
 
-K = TypeVar("K")
-V = TypeVar("V")
-
 OPS_TAG = GridOps.packet_tag
 OUTCOMES_TAG = GridOutcomes.packet_tag
 _ops_decoder = msgspec.msgpack.Decoder(GridOps)
 
 
-class ServiceGrid:
+class ServiceGrid(GridFront):
     """``service.grid``: ``service.grid.map("players", Player)`` works as on a client."""
 
     def __init__(self, service: Service, store: EmbeddedStore) -> None:
+        super().__init__()
         cfg = service.config
         self._service = service
         self.stats: Counter[str] = service.stats
         self.partitions = cfg.grid_partitions
         self.coordinator = Coordinator(self, store, cfg.grid_partitions, cfg.grid_backups)
-        self._watchers = Watchers()
-        self.watch = self._watchers.watch
         self._ids = itertools.count(1)
         self._install()
 
@@ -54,16 +50,6 @@ class ServiceGrid:
 
     async def close(self) -> None:
         await self.coordinator.close()
-
-    def map(
-        self,
-        name: str,
-        value_type: type[V] | Any,
-        key_type: type[K] | Any = Any,
-        *,
-        near_cache: bool = False,
-    ) -> Map[K, V]:
-        return Map(self, name, value_type, key_type, near_cache=near_cache)
 
     # ------------------------------------------------------------- sessions
 
@@ -192,7 +178,7 @@ class ServiceGrid:
     def expel(self, holder: Holder, reason: str) -> None:
         holder.link.close(CloseCode.PROTOCOL_ERROR, reason)
 
-    # ------------------------------------------------------------ GridBackend
+    # ------------------------------------------------------------ GridFront
 
     def local(self, part: int) -> PartitionData | None:
         partition = self.coordinator.parts[part]
