@@ -81,6 +81,10 @@ class Journal:
         self._write(statements(effects), done, RETRY_FIRST)
 
     def _write(self, sql: list[Statement], done: Callable[[], None], delay: float) -> None:
+        if self.store.closed:
+            log.error("grid journal: the store closed before a retried write went in")
+            return
+
         def committed(error: BaseException | None) -> None:
             if error is None:
                 done()

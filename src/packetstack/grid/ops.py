@@ -114,7 +114,8 @@ def apply(data: PartitionData, op: Op, now: float) -> Outcome:
             return _remove(entries, op.key, Change.REMOVED) if present else Outcome(True)
         return _store(data, op, op.value, present, op.expires)
     if kind == Kind.DELETE:
-        return _remove(entries, op.key, Change.REMOVED) if present else Outcome()
+        # An expired entry goes too (a backup replaying its owner's EXPIRE), unreported.
+        return _remove(entries, op.key, Change.REMOVED if present else Change.NONE)
     if kind == Kind.INCREMENT:
         return _increment(data, op, entry if present else None)
     if kind == Kind.EXPIRE:
@@ -142,7 +143,7 @@ def _store(
 def _remove(entries: MapData | None, key: bytes, change: Change) -> Outcome:
     if entries is not None:
         entries.pop(key, None)
-    return Outcome(True, change=change)
+    return Outcome(change != Change.NONE, change=change)
 
 
 def _increment(data: PartitionData, op: Op, entry: Entry | None) -> Outcome:
@@ -154,7 +155,10 @@ def _increment(data: PartitionData, op: Op, entry: Entry | None) -> Outcome:
         except msgspec.DecodeError:
             return Outcome(error="increment needs an integer value; this entry holds another type")
         expires, change = entry[1], Change.UPDATED
-    value = _encode(current + op.delta)
+    try:
+        value = _encode(current + op.delta)
+    except OverflowError:
+        return Outcome(error="increment would leave the 64-bit integer range")
     entries = data.get(op.map)
     if entries is None:
         entries = data[op.map] = {}

@@ -67,6 +67,7 @@ class Link(asyncio.Protocol):
         self._read_holds: set[object] = set()  # reasons reading is paused, if any
         self._sent = False
         self._last_direct = 0
+        self._direct_now = False  # a write went out directly in this loop iteration
         self._idle_beats = 0
         self._beat_handle: asyncio.TimerHandle | None = None
         self._beat_interval = 0.0
@@ -187,19 +188,27 @@ class Link(asyncio.Protocol):
         direct one is alone: send it now, costing no loop iteration (a request, its reply,
         a forwarded packet). One that follows closely starts a burst: it and whatever comes
         until this loop iteration ends go out in one write from ``_flush``."""
-        now = perf_counter_ns()
         transport = self.transport
         if (
-            now - self._last_direct < BURST_GAP_NS
+            self._direct_now
+            or perf_counter_ns() - self._last_direct < BURST_GAP_NS
             or transport is None
             or self._paused
             or self.connection.has_chunks
         ):
             self._schedule_flush()
             return
-        self._last_direct = now
         out, self._out = self._out, bytearray()
         transport.write(out)
+        # Counted from the end of the write, and never twice in one loop iteration: on a
+        # busy machine a write can take longer than the gap, and every write of a burst
+        # (replies resuming many tasks at once) would count as alone and cost a syscall.
+        self._last_direct = perf_counter_ns()
+        self._direct_now = True
+        self._loop.call_soon(self._end_direct)
+
+    def _end_direct(self) -> None:
+        self._direct_now = False
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
