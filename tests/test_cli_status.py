@@ -10,14 +10,16 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
+from rich.console import Console
 from support import ServiceProcess, clean_env, cli_command, free_port, service_env
 
 from packetstack import Client, Packet
 from packetstack.errors import AuthenticationFailed
 from packetstack.logs import JsonFormatter
+from packetstack.status import render
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -128,6 +130,103 @@ async def test_status_shows_endings_groups_and_mailboxes(
     assert "connected to" not in err  # the status client's own INFO lines are quiet
 
 
+def table_rows(out: str, title: str) -> list[list[str]]:
+    """The cells of each row of the table titled ``title`` in ``packetstack status``'s output."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == title)
+    rows = []
+    for line in lines[start + 4 :]:  # past the title, the border, the header, the rule
+        if not line.startswith("│"):
+            break
+        rows.append([cell.strip() for cell in line.split("│")[1:-1]])
+    return rows
+
+
+async def test_status_shows_the_grid(
+    tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
+) -> None:
+    service = await serve(tmp_path, services)
+    code, out, err = await status("--url", service.url, "--token", OPS_TOKEN)
+    assert code == 0, err
+    assert table_rows(out, "Grid") == [["the service", "271", "", ""]]  # no holder yet
+    assert "partitions 271, backups 1 per partition, holders 0, table version 0, " in out
+    assert "paused 0, waiting 0, ops 0" in out
+
+    holder = Client("holder-1", service.url, token=APP_TOKEN, holds_data=True)
+    clients.append(holder)
+    await holder.connect()
+    numbers = holder.grid.map("m", int)
+    for n in range(4):
+        await numbers.put(f"k{n}", n)
+
+    # The partitions move to the holder; once they have, the service owns none.
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        code, out, err = await status("--url", service.url, "--token", OPS_TOKEN)
+        assert code == 0, err
+        rows = table_rows(out, "Grid")
+        assert [row[0] for row in rows] == ["the service", "holder-1"]
+        assert int(rows[0][1]) + int(rows[1][1]) == 271  # owned by one or the other
+        if rows[0][1] == "0" and "paused 0," in out:
+            break
+        assert asyncio.get_running_loop().time() < deadline, out
+        await asyncio.sleep(0.2)
+    assert rows == [["the service", "0", "", ""], ["holder-1", "271", "0", "no"]]
+    summary = next(line for line in out.splitlines() if line.startswith("partitions 271"))
+    assert "holders 1," in summary and "paused 0, waiting 0, ops 4" in summary
+    version = int(summary.split("table version ")[1].split(",")[0])
+    assert version >= 271  # one change of hands per partition at least
+    assert "grid_migrations" in out  # the grid's counters are among the counters
+
+
+def test_grid_table_rows_limit_and_older_services() -> None:
+    snapshot: dict[str, Any] = {
+        "url": "ps://127.0.0.1:7400",
+        "connections": 0,
+        "endings": [],
+        "groups": {},
+        "packets_in": 0,
+        "packets_out": 0,
+        "packets_in_by_tag": {},
+        "stats": {},
+        "store": {"path": "packetstack.db", "commits": 0, "writes": 0, "unsaved_rows": 0},
+        "grid": {
+            "partitions": 271,
+            "backups": 1,
+            "version": 1234,
+            "holders": [
+                {"name": "h1", "owned": 100, "backups": 90, "leaving": False},
+                {"name": "h2", "owned": 90, "backups": 100, "leaving": True},
+                {"name": "h3", "owned": 81, "backups": 81, "leaving": False},
+            ],
+            "service_owned": 0,
+            "paused": 3,
+            "waiting": 1500,
+            "ops": 1_000_000,
+            "journal_retries": 0,
+            "listeners": {},
+        },
+    }
+    console = Console(width=200, record=True)
+    console.print(render(snapshot, limit=2))
+    out = console.export_text()
+    assert table_rows(out, "Grid") == [
+        ["the service", "0", "", ""],
+        ["h1", "100", "90", "no"],
+        ["h2", "90", "100", "yes"],
+    ]
+    assert "first 2 of 3" in out
+    assert (
+        "partitions 271, backups 1 per partition, holders 3, table version 1234, "
+        "paused 3, waiting 1,500, ops 1,000,000"
+    ) in out
+
+    del snapshot["grid"]  # a service from before the grid
+    console = Console(width=200, record=True)
+    console.print(render(snapshot))
+    assert "Grid: not reported by this service" in console.export_text()
+
+
 async def test_status_refused_for_a_principal_without_admin(
     tmp_path: Path, services: list[ServiceProcess]
 ) -> None:
@@ -188,14 +287,20 @@ async def test_status_watch_refreshes_until_interrupted(
         stderr=asyncio.subprocess.PIPE,
         env=clean_env(COLUMNS="200"),
     )
-    await asyncio.sleep(1.5)
+    assert proc.stdout is not None
+    marker = b"every 0.2 s, Ctrl-C to stop"  # in each view's heading
+    seen = b""
+    async with asyncio.timeout(30):  # three views, printed one after another (not a terminal)
+        while seen.count(marker) < 3:
+            chunk = await proc.stdout.read(65536)
+            assert chunk, f"status --watch ended by itself: {seen.decode()}"
+            seen += chunk
     assert proc.returncode is None, "status --watch ended by itself"
     proc.send_signal(signum)
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, err
-    views = out.decode().count("every 0.2 s, Ctrl-C to stop")  # printed one after another
-    assert views >= 3, out.decode()  # (not a terminal)
-    assert "status-" in out.decode()
+    assert (seen + out).count(marker) >= 3
+    assert "status-" in (seen + out).decode()
 
 
 # ------------------------------------------------------------------ JSON logs

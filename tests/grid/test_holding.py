@@ -42,9 +42,8 @@ def put(part: int, key: str, value: object, map: str = "m", expires: float = 0.0
 
 def ask(holding: Holding, *ops: Op) -> list[Outcome]:
     answer = holding.apply(GridOps(list(ops)))
-    assert isinstance(answer, GridOutcomes)
-    assert len(answer.outcomes) == len(ops)
-    return answer.outcomes
+    assert len(answer) == len(ops)
+    return answer
 
 
 def test_a_new_holding_holds_nothing() -> None:

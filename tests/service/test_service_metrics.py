@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, wait_until
 
 from packetstack import Context, Packet, Service
-from packetstack.errors import UnknownDestination
+from packetstack.errors import GridError, UnknownDestination
+from packetstack.grid.ops import Kind, Op
 
 WAIT = 5.0
 
@@ -144,6 +145,76 @@ async def test_metrics_after_known_traffic(service: Service, make_client: Client
     assert by_label(metrics, "packetstack_mailbox_depth")["parked"] == 0
     assert by_label(metrics, "packetstack_mailbox_packets")["replayed"] == 3
     assert value(metrics, "packetstack_endings_connected") == 3
+
+
+async def test_grid_metrics(service: Service, make_client: ClientFactory) -> None:
+    metrics = await scrape(service)  # no holder yet: the service owns every partition
+    assert by_label(metrics, "packetstack_grid_partitions") == {"service": 271}
+    assert metrics["packetstack_grid_backups"] == {}
+    assert value(metrics, "packetstack_grid_holders") == 0
+    assert value(metrics, "packetstack_grid_version") == 0
+    assert value(metrics, "packetstack_grid_operations") == 0
+    assert value(metrics, "packetstack_grid_migrations") == 0
+
+    holder = await make_client("holder-1", holds_data=True)
+    numbers = holder.grid.map("m", int)
+    for n in range(5):
+        await numbers.put(f"k{n}", n)  # writes always go through the service
+
+    def settled() -> bool:
+        grid = service.snapshot()["grid"]
+        return grid["service_owned"] == 0 and grid["paused"] == 0
+
+    await wait_until(settled, WAIT, "every partition moved to holder-1")
+    metrics = await scrape(service)
+
+    assert by_label(metrics, "packetstack_grid_partitions") == {"service": 0, "holder-1": 271}
+    assert sum(by_label(metrics, "packetstack_grid_partitions").values()) == 271
+    assert by_label(metrics, "packetstack_grid_backups") == {"holder-1": 0}  # no other holder
+    assert value(metrics, "packetstack_grid_holders") == 1
+    assert value(metrics, "packetstack_grid_version") == service.grid.coordinator.version >= 271
+    assert value(metrics, "packetstack_grid_paused_partitions") == 0
+    assert value(metrics, "packetstack_grid_waiting_operations") == 0
+    assert value(metrics, "packetstack_grid_operations") == 5  # the puts
+    assert value(metrics, "packetstack_grid_migrations") == 271
+    assert value(metrics, "packetstack_grid_promotions") == 0
+    assert value(metrics, "packetstack_grid_rebuilds") == 0
+    assert value(metrics, "packetstack_grid_journal_retries") == 0
+    assert value(metrics, "packetstack_grid_requests_refused") == 0
+    # The grid counters with a metric of their own are not kinds of events as well.
+    assert by_label(metrics, "packetstack_events") == {}
+
+    # A second holder: the partitions are shared out, each with a backup at the other one.
+    await make_client("holder-2", holds_data=True)
+
+    def shared() -> bool:
+        grid = service.snapshot()["grid"]
+        holders = grid["holders"]
+        return (
+            grid["paused"] == 0
+            and all(h["owned"] > 0 for h in holders)
+            and sum(h["backups"] for h in holders) == 271
+        )
+
+    await wait_until(shared, WAIT, "partitions shared by two holders")
+    metrics = await scrape(service)
+    owned = by_label(metrics, "packetstack_grid_partitions")
+    backups = by_label(metrics, "packetstack_grid_backups")
+    assert owned.keys() == {"service", "holder-1", "holder-2"}
+    assert owned["service"] == 0 and sum(owned.values()) == 271
+    assert backups.keys() == {"holder-1", "holder-2"}
+    assert backups["holder-1"] == owned["holder-2"] and backups["holder-2"] == owned["holder-1"]
+    assert value(metrics, "packetstack_grid_holders") == 2
+    assert value(metrics, "packetstack_grid_migrations") > 271
+    assert await numbers.get("k4") == 4  # (a read may be answered by the holder itself)
+
+    # A request the service refuses (a map without a name) is counted, not run.
+    operations = value(await scrape(service), "packetstack_grid_operations")
+    with pytest.raises(GridError):
+        await holder.grid.run([Op("", 0, Kind.PUT, b"k", b"1")])
+    metrics = await scrape(service)
+    assert value(metrics, "packetstack_grid_requests_refused") == 1
+    assert value(metrics, "packetstack_grid_operations") == operations
 
 
 async def test_errors_by_kind(service: Service, make_client: ClientFactory) -> None:

@@ -33,7 +33,7 @@ from ..protocol import SERVICE_NAME, Flag, PacketHeader, Target
 from ..storage import EmbeddedStore
 from .journal import Journal, Row, partition_data
 from .messages import Backup, GridEvent, GridOps, GridOutcomes, Promote, Release, Take
-from .ops import READS, Change, Kind, Op, Outcome, PartitionData, apply, effect
+from .ops import READS, Change, Kind, Op, Outcome, PartitionData, apply, batches, effect
 from .partitions import partition_of, plan
 
 if TYPE_CHECKING:
@@ -141,8 +141,18 @@ _PENDING = Outcome(error="pending")
 
 
 class Coordinator:
-    def __init__(self, host: GridHost, store: EmbeddedStore, partitions: int, backups: int):
+    def __init__(
+        self,
+        host: GridHost,
+        store: EmbeddedStore,
+        partitions: int,
+        backups: int,
+        max_payload: int,
+    ) -> None:
         self.host = host
+        # Ops per message to a holder: half the payload limit leaves room for the answer's
+        # values and for encoding overhead.
+        self.budget = max(1024, max_payload // 2)
         self.journal = Journal(store)
         self.partition_count = partitions
         self.backup_count = backups
@@ -271,7 +281,7 @@ class Coordinator:
                 self._arm_sweeper()
         listeners = self.listeners.get(op.map)
         if listeners:
-            self._notify(listeners, op, outcome.change, change.value)
+            self._notify(listeners, op, outcome.change, change.value, outcome.count)
         self._schedule_flush()
 
     def _complete(self, unit: Unit, outcome: Outcome) -> None:
@@ -300,12 +310,14 @@ class Coordinator:
         if self._to_owners:
             to_owners, self._to_owners = self._to_owners, {}
             for holder, units in to_owners.items():
-                request_id = self.host.send_to(holder, GridOps([u.op for u in units]), True)
-                holder.sent[request_id] = units
+                for run in batches(units, _op_of, self.budget):
+                    request_id = self.host.send_to(holder, GridOps([u.op for u in run]), True)
+                    holder.sent[request_id] = run
         if self._to_backups:
             to_backups, self._to_backups = self._to_backups, {}
             for holder, effects in to_backups.items():
-                self.host.send_to(holder, Backup(effects), False)
+                for ops in batches(effects, _same, self.budget):
+                    self.host.send_to(holder, Backup(ops), False)
         if self._effects:
             effects, self._effects = self._effects, []
             written, self._written = self._written, []
@@ -335,9 +347,13 @@ class Coordinator:
 
     # --------------------------------------------------------------- events
 
-    def _notify(self, names: set[str], op: Op, change: int, value: bytes | None) -> None:
-        if change == Change.CLEARED:
-            return  # clear() is one operation, not one event per entry
+    def _notify(
+        self, names: set[str], op: Op, change: int, value: bytes | None, count: int
+    ) -> None:
+        # clear() is one event per partition that had entries (near caches empty themselves),
+        # not one per entry; listeners are not called for it.
+        if change == Change.CLEARED and not count:
+            return
         event = GridEvent(op.map, change, op.key, value if change <= Change.UPDATED else None)
         for name in list(names):
             try:
@@ -656,6 +672,14 @@ class Coordinator:
 
 def _ignore(_: list[Outcome]) -> None:
     pass
+
+
+def _op_of(unit: Unit) -> Op:
+    return unit.op
+
+
+def _same(op: Op) -> Op:
+    return op
 
 
 def request_header(packet_id: int, holder: str, packet: Packet, request: bool) -> PacketHeader:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from .messages import Backup, GridOps, GridOutcomes, Promote, Release, Take
+from .messages import Backup, GridOps, Promote, Release, Take
 from .ops import Outcome, PartitionData, apply
 
 
@@ -18,7 +18,7 @@ class Holding:
         self.backups: dict[int, PartitionData] = {}
         self._taking: dict[int, PartitionData] = {}
 
-    def apply(self, request: GridOps) -> GridOutcomes:
+    def apply(self, request: GridOps) -> list[Outcome]:
         now = time.time()
         owned = self.owned
         outcomes = []
@@ -29,7 +29,7 @@ class Holding:
                 outcomes.append(Outcome(error=f"partition {op.part} is not held here"))
             else:
                 outcomes.append(apply(data, op, now))
-        return GridOutcomes(outcomes)
+        return outcomes
 
     def backup(self, message: Backup) -> None:
         now = time.time()

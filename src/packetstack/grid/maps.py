@@ -56,6 +56,9 @@ class Watchers:
     def all(self) -> list[Map[Any, Any]]:
         return [grid_map for maps in self._maps.values() for grid_map in maps]
 
+    def watching(self, map_name: str) -> bool:
+        return bool(self._maps.get(map_name))
+
     async def event(self, map_name: str, change: int, key: bytes, value: bytes | None) -> None:
         for grid_map in list(self._maps.get(map_name, ())):
             await grid_map.event(change, key, value)
@@ -69,6 +72,7 @@ class GridFront:
 
     def __init__(self) -> None:
         self._watchers = Watchers()
+        self._subscribed: set[str] = set()  # map names whose events come to this process
 
     def local(self, part: int) -> PartitionData | None:
         """This process's data of ``part`` if it owns it now, else None."""
@@ -96,6 +100,23 @@ class GridFront:
 
     def watch(self, grid_map: Map[Any, Any], on: bool) -> None:
         self._watchers.watch(grid_map, on)
+
+    async def subscribe(self, grid_map: Map[Any, Any]) -> None:
+        """Route the map's entry events to ``grid_map``, asking the service for them
+        first if no other map object of that name has."""
+        name = grid_map.name
+        if name not in self._subscribed:
+            await self.listen(name, True)
+            self._subscribed.add(name)
+        self._watchers.watch(grid_map, True)
+
+    async def unsubscribe(self, grid_map: Map[Any, Any]) -> None:
+        """Stop routing events to ``grid_map``; the last one of its name stops them."""
+        self._watchers.watch(grid_map, False)
+        name = grid_map.name
+        if name in self._subscribed and not self._watchers.watching(name):
+            self._subscribed.discard(name)
+            await self.listen(name, False)
 
 
 class EntryEvent(msgspec.Struct, Generic[K, V], frozen=True):
@@ -145,9 +166,7 @@ class Map(Generic[K, V]):
         self._listeners: list[Listener] = []
         self.near_cache: dict[bytes, bytes | None] | None = {} if near_cache else None
         self.near_hits = 0
-        self._subscribed = False  # to this map's entry events at the service
-        if near_cache:
-            backend.watch(self, True)
+        self._subscribed = False  # its backend routes this map's entry events to it
 
     def __repr__(self) -> str:
         return f"Map({self.name!r})"
@@ -229,7 +248,7 @@ class Map(Generic[K, V]):
         """A near cache stays true through the owners' changes: subscribe before the first
         remote read fills it."""
         if not self._subscribed:
-            await self._backend.listen(self.name, True)
+            await self._backend.subscribe(self)
             self._subscribed = True
 
     def _remember(self, key: bytes, value: bytes | None) -> None:
@@ -395,21 +414,23 @@ class Map(Generic[K, V]):
         """Call ``listener(event)`` (a function or coroutine function) for every change to
         an entry: added, updated, removed, expired. Delivered through this ending's mailbox:
         in order, and kept for it while it is disconnected."""
+        await self._subscribe()  # raises PermissionDenied without read access: not added
         self._listeners.append(listener)
-        self._backend.watch(self, True)
-        await self._subscribe()
 
     async def unlisten(self, listener: Listener) -> None:
         self._listeners.remove(listener)
-        if not self._listeners and self.near_cache is None:
-            self._backend.watch(self, False)
+        if not self._listeners and self.near_cache is None and self._subscribed:
             self._subscribed = False
-            await self._backend.listen(self.name, False)
+            await self._backend.unsubscribe(self)
 
     async def event(self, change: int, key: bytes, value: bytes | None) -> None:
         """An entry event for this map (from the backend)."""
-        if self.near_cache is not None:
-            self.near_cache.pop(key, None)
+        cache = self.near_cache
+        if cache is not None:
+            if change == Change.CLEARED:
+                cache.clear()
+            else:
+                cache.pop(key, None)
         kind = EVENT_KINDS.get(Change(change))
         if kind is None or not self._listeners:
             return
@@ -421,9 +442,7 @@ class Map(Generic[K, V]):
             if inspect.isawaitable(result):
                 await result
 
-    def reconnected(self) -> bool:
-        """After a reconnect: the near cache may have missed invalidations, so it starts
-        empty. Whether the map needs its subscription renewed."""
+    def reconnected(self) -> None:
+        """After a reconnect: the near cache may have missed invalidations; it starts empty."""
         if self.near_cache is not None:
             self.near_cache.clear()
-        return self._subscribed

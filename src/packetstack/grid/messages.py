@@ -10,10 +10,16 @@ Release (request). Service -> listener, through its mailbox: GridEvent.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 from ..codec import Packet
-from .ops import Op, Outcome
+from ..errors import PayloadTooLarge
+from ..protocol import ErrorBody, PacketHeader
+from .ops import Op, Outcome, without_values
+
+if TYPE_CHECKING:
+    from ..transport import Link
 
 
 class GridOps(Packet, array_like=True, gc=False):
@@ -24,6 +30,23 @@ class GridOps(Packet, array_like=True, gc=False):
 class GridOutcomes(Packet, array_like=True, gc=False):
     packet_tag: ClassVar[str] = "$grid.outcomes"
     outcomes: list[Outcome]
+
+
+Reply = Callable[
+    [PacketHeader, Packet | None, ErrorBody | None], tuple[PacketHeader, Packet | ErrorBody]
+]
+
+
+def send_outcomes(link: Link, reply: Reply, request: PacketHeader, outcomes: list[Outcome]) -> None:
+    """Answer a GridOps request. Reads whose values would take the answer over the
+    connection's payload limit are answered with errors instead (they changed nothing)."""
+    header, body = reply(request, GridOutcomes(outcomes), None)
+    try:
+        link.write_packet(header, body)
+    except PayloadTooLarge as exc:
+        why = f"the answer is too large ({exc}); read fewer keys at once"
+        header, body = reply(request, GridOutcomes(without_values(outcomes, why)), None)
+        link.write_packet(header, body)
 
 
 class Backup(Packet, array_like=True, gc=False):

@@ -10,7 +10,9 @@ user's types, except for ``increment``, whose values are integers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
+from typing import TypeVar
 
 import msgspec
 
@@ -76,8 +78,56 @@ Entry = tuple[bytes, float]  # (encoded value, expires or 0)
 MapData = dict[bytes, Entry]
 PartitionData = dict[str, MapData]  # map name -> its entries in one partition
 
+T = TypeVar("T")
+
 _int_decoder = msgspec.msgpack.Decoder(int)
 _encode = msgspec.msgpack.Encoder().encode
+
+
+OP_OVERHEAD = 48  # bytes of an encoded Op beyond its name, key and values, at most
+
+
+def op_size(op: Op) -> int:
+    """About how many bytes ``op`` takes encoded (at least that many)."""
+    value, expect = op.value, op.expect
+    return (
+        OP_OVERHEAD
+        + len(op.map)
+        + len(op.key)
+        + (len(value) if value is not None else 0)
+        + (len(expect) if expect is not None else 0)
+    )
+
+
+def batches(items: list[T], op_of: Callable[[T], Op], budget: int) -> list[list[T]]:
+    """``items`` (ops, or what carries them) cut into runs whose ops take at most ``budget``
+    encoded bytes (an op larger than that alone), so that no message built of them goes
+    over the payload limit."""
+    out: list[list[T]] = []
+    run: list[T] = []
+    size = 0
+    for item in items:
+        cost = op_size(op_of(item))
+        if run and size + cost > budget:
+            out.append(run)
+            run, size = [], 0
+        run.append(item)
+        size += cost
+    if run:
+        out.append(run)
+    return out
+
+
+def without_values(outcomes: list[Outcome], why: str) -> list[Outcome]:
+    """An answer that would not fit in one packet: the reads that carry values become
+    errors (they changed nothing, the reader may ask for fewer keys at once); the outcomes
+    of writes stay, as they happened."""
+    return [
+        Outcome(error=why)
+        if (outcome.change == Change.NONE and outcome.value is not None) or outcome.entries
+        else outcome
+        for outcome in outcomes
+    ]
 
 
 def live(entry: Entry | None, now: float) -> bool:
@@ -119,7 +169,8 @@ def apply(data: PartitionData, op: Op, now: float) -> Outcome:
     if kind == Kind.INCREMENT:
         return _increment(data, op, entry if present else None)
     if kind == Kind.EXPIRE:
-        if entry is not None and entry[1] == op.expires and not present:
+        # The service's clock decides expiry: an owner whose clock lags still removes it.
+        if entry is not None and entry[1] == op.expires:
             return _remove(entries, op.key, Change.EXPIRED)
         return Outcome()
     if kind == Kind.CLEAR:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..codec import Packet
 from ..dispatch import Context
+from ..errors import PermissionDenied
 from ..protocol import SERVICE_NAME, PacketHeader
 from .holding import Holding
 from .maps import GridFront
@@ -29,6 +29,7 @@ from .messages import (
     Promote,
     Release,
     Take,
+    send_outcomes,
 )
 from .ops import Outcome, PartitionData
 from .partitions import DEFAULT_PARTITIONS
@@ -70,7 +71,9 @@ class ClientGrid(GridFront):
     async def listen(self, map_name: str, on: bool) -> None:
         await self._client.request(SERVICE_NAME, Listen(map_name, on))
 
-    async def _event(self, event: GridEvent, _: Context) -> None:
+    async def _event(self, event: GridEvent, ctx: Context) -> None:
+        if ctx.sender != SERVICE_NAME:
+            raise PermissionDenied(f"entry events come from the service, not {ctx.sender!r}")
         await self._watchers.event(event.map, event.change, event.key, event.value)
 
     # ------------------------------------------------------ the connection
@@ -83,10 +86,10 @@ class ClientGrid(GridFront):
             return
         message = _DECODERS[header.tag].decode(payload)
         kind = type(message)
-        reply: Packet
         if kind is GridOps:
-            reply = holding.apply(message)
-        elif kind is Backup:
+            send_outcomes(link, self._client._reply, header, holding.apply(message))
+            return
+        if kind is Backup:
             holding.backup(message)
             return
         elif kind is Take:
@@ -97,15 +100,15 @@ class ClientGrid(GridFront):
             return
         else:
             holding.release(message)
-            reply = GridDone()
-        link.write_packet(*self._client._reply(header, reply, None))
+            link.write_packet(*self._client._reply(header, GridDone(), None))
 
     def connected(self, welcome_partitions: int) -> None:
         if welcome_partitions:
             self.partitions = welcome_partitions
-        renew = {grid_map.name for grid_map in self._watchers.all() if grid_map.reconnected()}
-        if renew:
-            task = asyncio.get_running_loop().create_task(self._renew(renew))
+        for grid_map in self._watchers.all():
+            grid_map.reconnected()
+        if self._subscribed:
+            task = asyncio.get_running_loop().create_task(self._renew(set(self._subscribed)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

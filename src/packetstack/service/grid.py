@@ -17,7 +17,15 @@ from ..dispatch import Context, error_body
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, GridError, PermissionDenied
 from ..grid.coordinator import Coordinator, Holder, request_header
 from ..grid.maps import GridFront
-from ..grid.messages import GridDone, GridEvent, GridOps, GridOutcomes, Leave, Listen
+from ..grid.messages import (
+    GridDone,
+    GridEvent,
+    GridOps,
+    GridOutcomes,
+    Leave,
+    Listen,
+    send_outcomes,
+)
 from ..grid.ops import READS, Op, Outcome, PartitionData
 from ..protocol import SERVICE_NAME, PacketHeader, PacketReceived
 from ..storage import EmbeddedStore
@@ -41,7 +49,9 @@ class ServiceGrid(GridFront):
         self._service = service
         self.stats: Counter[str] = service.stats
         self.partitions = cfg.grid_partitions
-        self.coordinator = Coordinator(self, store, cfg.grid_partitions, cfg.grid_backups)
+        self.coordinator = Coordinator(
+            self, store, cfg.grid_partitions, cfg.grid_backups, cfg.max_payload
+        )
         self._ids = itertools.count(1)
         self._install()
 
@@ -95,9 +105,8 @@ class ServiceGrid(GridFront):
         def finish(outcomes: list[Outcome]) -> None:
             requester = self._service.endings.get(name)
             if requester is None or requester.link.closed:
-                return  # gone: it asks again, and reads the value it wrote
-            reply, body = self._service._reply(header, GridOutcomes(outcomes), None)
-            requester.link.write_packet(reply, body)
+                return  # gone: its request fails; what it wrote is written
+            send_outcomes(requester.link, self._service._reply, header, outcomes)
 
         self.coordinator.submit(ops, finish)
 
