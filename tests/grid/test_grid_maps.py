@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from support import eventually
 
-from packetstack import Client, GridError, PermissionDenied, Principal, Service
+from packetstack import Client, ConfigError, GridError, PermissionDenied, Principal, Service
 from packetstack.codec import encode
 from packetstack.grid import EntryEvent
 from packetstack.grid.messages import GridOps
@@ -254,3 +254,37 @@ async def test_values_larger_than_a_chunk_travel_in_chunks(
     await big.put_all({"a": value, "b": value[::-1]})
     assert await big.get("a") == value
     assert await big.get_all(["a", "b"]) == {"a": value, "b": value[::-1]}
+
+
+async def test_listeners_outlive_a_service_restart_and_a_disconnect(
+    make_service: Any, tmp_path: Any
+) -> None:
+    data = tmp_path / "restart"
+    service = await make_service(data_dir=data)
+    async with Client("listener", service.url) as listener:
+        await listener.grid.map("m", int).listen(lambda e: None)
+    await service.close()
+    service = await make_service(data_dir=data)
+    async with Client("writer", service.url) as writer:
+        await writer.grid.map("m", int).put("k", 1)
+        await writer.grid.map("m", int).put("k", 2)
+    seen: list[tuple[str, int | None]] = []
+    listener = Client("listener", service.url)
+    await listener.grid.map("m", int).listen(lambda e: seen.append((e.kind, e.value)))
+    await listener.connect()  # the events waited in its mailbox
+    try:
+        await eventually(lambda: seen == [("added", 1), ("updated", 2)])
+    finally:
+        await listener.close()
+
+
+async def test_a_journal_of_another_partition_count_refuses_to_start(
+    make_service: Any, tmp_path: Any
+) -> None:
+    data = tmp_path / "parts"
+    service = await make_service(data_dir=data)
+    async with Client("w", service.url) as writer:
+        await writer.grid.map("m", int).put("k", 1)
+    await service.close()
+    with pytest.raises(ConfigError, match="grid_partitions is 64, but .* written with 271"):
+        await make_service(data_dir=data, grid_partitions=64)

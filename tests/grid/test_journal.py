@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from packetstack import StoreError
+from packetstack import ConfigError, StoreError
 from packetstack.grid import journal as journal_module
 from packetstack.grid.journal import Journal, partition_data, statements
 from packetstack.grid.ops import Kind, Op, PartitionData, apply, effect, live
@@ -51,7 +51,7 @@ async def store(tmp_path: Path) -> AsyncIterator[EmbeddedStore]:
 @pytest.fixture
 async def journal(store: EmbeddedStore) -> Journal:
     opened = Journal(store)
-    await opened.open()
+    await opened.open(271)
     return opened
 
 
@@ -140,10 +140,10 @@ def test_one_statement_per_kind_when_not_interleaved() -> None:
 
 async def test_open_is_idempotent(store: EmbeddedStore) -> None:
     first = Journal(store)
-    await first.open()
+    await first.open(271)
     await write(first, [put(1, b"k", 1)])
     second = Journal(store)
-    await second.open()  # CREATE ... IF NOT EXISTS: the rows stay
+    await second.open(271)  # CREATE ... IF NOT EXISTS: the rows stay
     assert await second.load(1, NOW) == [("m", b"k", enc(1), 0.0)]
 
 
@@ -256,7 +256,7 @@ async def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
     store = EmbeddedStore(path)
     await store.open("")
     first = Journal(store)
-    await first.open()
+    await first.open(271)
     first.write([put(1, b"k", "v"), put(2, b"j", "w", expires=NOW + 1)], lambda: None)
     await store.close()  # commits what is queued
 
@@ -264,7 +264,7 @@ async def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
     await store.open("")
     try:
         second = Journal(store)
-        await second.open()
+        await second.open(271)
         assert await second.load_all() == {
             1: [("m", b"k", enc("v"), 0.0)],
             2: [("m", b"j", enc("w"), NOW + 1)],
@@ -424,7 +424,7 @@ async def test_no_retry_once_the_store_is_closed(
     store = EmbeddedStore(tmp_path / "closing.db")
     await store.open("")
     journal = Journal(store)
-    await journal.open()
+    await journal.open(271)
     dones: list[None] = []
     release = blocker(store)
     journal.write([put(1, b"k", "v")], lambda: dones.append(None))
@@ -447,7 +447,7 @@ async def test_a_retry_after_the_store_closed_does_not_raise_into_the_loop(
     store = EmbeddedStore(tmp_path / "closing.db")
     await store.open("")
     journal = Journal(store)
-    await journal.open()
+    await journal.open(271)
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
@@ -472,3 +472,23 @@ async def test_a_retry_after_the_store_closed_does_not_raise_into_the_loop(
         assert errors == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_listeners_and_the_partition_count_are_kept(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "meta.db")
+    await store.open("")
+    journal = Journal(store)
+    assert await journal.open(271) == {}
+    await journal.listen("m", "a", True)
+    await journal.listen("m", "b", True)
+    await journal.listen("n", "a", True)
+    await journal.listen("m", "b", False)
+    assert await Journal(store).open(271) == {"m": {"a"}, "n": {"a"}}
+    # No entries yet: another partition count is taken.
+    assert await Journal(store).open(64) == {"m": {"a"}, "n": {"a"}}
+    done = asyncio.Event()
+    journal.write([put(3, b"k", "v")], done.set)
+    await asyncio.wait_for(done.wait(), WAIT)
+    with pytest.raises(ConfigError, match="grid_partitions is 271, but .* written with 64"):
+        await Journal(store).open(271)
+    await store.close()

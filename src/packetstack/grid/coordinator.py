@@ -179,7 +179,7 @@ class Coordinator:
     async def open(self) -> None:
         """Create the journal's table and take every journaled entry (the service owns
         every partition until holders connect)."""
-        await self.journal.open()
+        self.listeners = await self.journal.open(self.partition_count)
         rows = await self.journal.load_all()
         for index, part_rows in rows.items():
             if index < self.partition_count:
@@ -362,7 +362,9 @@ class Coordinator:
                 self.stats["grid_events_dropped"] += 1
                 log.warning("entry event for %r not delivered: %s", name, exc)
 
-    def listen(self, name: str, map_name: str, on: bool) -> None:
+    async def listen(self, name: str, map_name: str, on: bool) -> None:
+        """Deliver (or stop) the map's entry events to the ending ``name``. Kept in the
+        journal: a restarted service goes on delivering them, into mailboxes meanwhile."""
         names = self.listeners.setdefault(map_name, set())
         if on:
             names.add(name)
@@ -370,6 +372,8 @@ class Coordinator:
             names.discard(name)
             if not names:
                 del self.listeners[map_name]
+        if name != SERVICE_NAME:  # the service's own maps subscribe again when made
+            await self.journal.listen(map_name, name, on)
 
     # --------------------------------------------------------------- expiry
 

@@ -13,6 +13,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 
+from ..errors import ConfigError
 from ..storage import EmbeddedStore, Statement
 from .ops import Kind, Op, PartitionData
 
@@ -28,6 +29,12 @@ CREATE TABLE IF NOT EXISTS grid (
     PRIMARY KEY (part, map, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS grid_expiry ON grid (expires) WHERE expires > 0;
+CREATE TABLE IF NOT EXISTS grid_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS grid_listeners (
+    map TEXT NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (map, name)
+) WITHOUT ROWID;
 """
 
 _PUT = (
@@ -73,8 +80,53 @@ class Journal:
         self.store = store
         self.retries = 0
 
-    async def open(self) -> None:
-        await self.store.read(lambda db: db.executescript(SCHEMA))
+    async def open(self, partitions: int) -> dict[str, set[str]]:
+        """Create the tables; the listeners by map. Raises ConfigError when the journal
+        holds entries partitioned with another partition count."""
+
+        def read(db: sqlite3.Connection) -> tuple[int | None, bool, list[tuple[str, str]]]:
+            db.executescript(SCHEMA)
+            row = db.execute("SELECT value FROM grid_meta WHERE key = 'partitions'").fetchone()
+            has_entries = db.execute("SELECT 1 FROM grid LIMIT 1").fetchone() is not None
+            return (
+                row[0] if row else None,
+                has_entries,
+                db.execute("SELECT map, name FROM grid_listeners").fetchall(),
+            )
+
+        written_with, has_entries, listeners = await self.store.read(read)
+        if written_with != partitions:
+            if written_with is not None and has_entries:
+                raise ConfigError(
+                    f"grid_partitions is {partitions}, but the grid journal in "
+                    f"{self.store.path} was written with {written_with}: set grid_partitions "
+                    f"= {written_with}, or start from an empty grid (docs/OPERATIONS.md)"
+                )
+            await self._commit(
+                [("INSERT OR REPLACE INTO grid_meta VALUES ('partitions', ?)", (partitions,))]
+            )
+        by_map: dict[str, set[str]] = {}
+        for map_name, name in listeners:
+            by_map.setdefault(map_name, set()).add(name)
+        return by_map
+
+    async def listen(self, map_name: str, name: str, on: bool) -> None:
+        """Remember (or forget) that ``name`` wants ``map_name``'s events; once committed."""
+        if on:
+            sql = "INSERT OR IGNORE INTO grid_listeners VALUES (?, ?)"
+        else:
+            sql = "DELETE FROM grid_listeners WHERE map = ? AND name = ?"
+        await self._commit([(sql, (map_name, name))])
+
+    async def _commit(self, statements: list[Statement]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self._write(statements, done, RETRY_FIRST)
+        await future
 
     def write(self, effects: list[Op], done: Callable[[], None]) -> None:
         """Journal ``effects``; call ``done()`` once they are committed."""

@@ -17,7 +17,7 @@ from ..dispatch import Context
 from ..errors import PermissionDenied
 from ..protocol import SERVICE_NAME, PacketHeader
 from .holding import Holding
-from .maps import GridFront
+from .maps import GridFront, Map
 from .messages import (
     Backup,
     GridDone,
@@ -70,6 +70,15 @@ class ClientGrid(GridFront):
 
     async def listen(self, map_name: str, on: bool) -> None:
         await self._client.request(SERVICE_NAME, Listen(map_name, on))
+
+    async def subscribe(self, grid_map: Map[Any, Any]) -> None:
+        """As GridFront's; before the client connects, only noted: the subscription is
+        renewed on connect, before the events waiting in the mailbox are handled."""
+        if self._client.connected:
+            await super().subscribe(grid_map)
+            return
+        self._subscribed.add(grid_map.name)
+        self.watch(grid_map, True)
 
     async def _event(self, event: GridEvent, ctx: Context) -> None:
         if ctx.sender != SERVICE_NAME:

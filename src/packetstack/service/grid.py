@@ -133,7 +133,7 @@ class ServiceGrid(GridFront):
                 why = f"principal {session.principal.name!r} may not read map {request.map!r}"
                 service._denied(why)
                 raise PermissionDenied(why)
-            self.coordinator.listen(ctx.sender, request.map, request.on)
+            await self.coordinator.listen(ctx.sender, request.map, request.on)
             return GridDone()
 
         @service.on(Leave)
@@ -207,4 +207,4 @@ class ServiceGrid(GridFront):
         return await future
 
     async def listen(self, map_name: str, on: bool) -> None:
-        self.coordinator.listen(SERVICE_NAME, map_name, on)
+        await self.coordinator.listen(SERVICE_NAME, map_name, on)

@@ -145,7 +145,11 @@ class Service(Peer):
             raise ConfigError(exposure)
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         await self.mailboxes.open()
-        await self.grid.open()
+        try:
+            await self.grid.open()
+        except BaseException:
+            await self.mailboxes.close()  # the store's thread with it
+            raise
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             self._new_link,
