@@ -220,8 +220,8 @@ class Client(Peer):
         self._resume_deliveries(welcome)
         for group in sorted(self._groups):
             link.write(link.connection.group_frame(next(self._ids), group, True))
+        self.grid.connected(link, welcome)  # its unanswered requests before newer ones
         self._send_held(link)
-        self.grid.connected(welcome.partitions)
         self._connected.set()
         log.info("%s connected to %s", self.name, self.endpoint)
 

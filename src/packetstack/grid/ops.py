@@ -45,6 +45,9 @@ class Change(IntEnum):
 
 # Reads: served by any owner without touching the journal.
 READS = frozenset({Kind.GET, Kind.CONTAINS, Kind.SCAN, Kind.SIZE})
+# Operations that leave the same data when applied twice: a request made of these alone
+# may simply be sent again when its answer was lost.
+REPEATABLE = READS | {Kind.PUT, Kind.DELETE, Kind.REPLACE, Kind.CLEAR}
 
 
 class Op(msgspec.Struct, array_like=True, gc=False):

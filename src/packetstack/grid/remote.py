@@ -12,10 +12,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from msgspec.structs import replace
 
 from ..dispatch import Context
-from ..errors import PermissionDenied
-from ..protocol import SERVICE_NAME, PacketHeader
+from ..errors import GridError, PermissionDenied
+from ..peer import ttl_ms
+from ..protocol import SERVICE_NAME, Flag, PacketHeader, Welcome
 from .holding import Holding
 from .maps import GridFront, Map
 from .messages import (
@@ -31,7 +33,7 @@ from .messages import (
     Take,
     send_outcomes,
 )
-from .ops import Outcome, PartitionData
+from .ops import REPEATABLE, Op, Outcome, PartitionData
 from .partitions import DEFAULT_PARTITIONS
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ _DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
     for cls in (GridOps, Backup, Take, Promote, Release)
 }
 HOLDER_TAGS = frozenset(_DECODERS)
+_REQUEST = int(Flag.REQUEST)
+_RESENT = int(Flag.RESENT)
 
 
 class ClientGrid(GridFront):
@@ -55,6 +59,9 @@ class ClientGrid(GridFront):
         self._client = client
         self.holding = Holding() if holds_data else None
         self.partitions = DEFAULT_PARTITIONS
+        # GridOps requests awaiting their answer: (header, packet, the link it went out on).
+        self._inflight: dict[int, tuple[PacketHeader, GridOps, Link | None]] = {}
+        self._boot: str | None = None  # the run of the service this client last talked to
         self._tasks: set[asyncio.Task[None]] = set()
         client.on(GridEvent)(self._event)
 
@@ -64,16 +71,38 @@ class ClientGrid(GridFront):
         holding = self.holding
         return holding.owned.get(part) if holding is not None else None
 
-    async def run(self, ops: list[Any]) -> list[Outcome]:
-        reply: GridOutcomes = await self._client.request(SERVICE_NAME, GridOps(ops))
+    async def run(self, ops: list[Op]) -> list[Outcome]:
+        """A GridOps request. One whose connection breaks before its answer came is sent
+        again on the next connection (the service answers a repeat without applying it
+        twice); see ``connected``."""
+        client = self._client
+        packet = GridOps(ops)
+        header = client._addressed(SERVICE_NAME, packet, _REQUEST)
+        timeout = client.request_timeout
+        header.ttl = ttl_ms(timeout)
+        future = client._pending.expect(header.id, timeout, header.tag, SERVICE_NAME)
+        link = client._link
+        self._inflight[header.id] = (header, packet, link if client.connected else None)
+        try:
+            waiter = client._transmit(header, packet, False)
+            if waiter is not None:
+                await waiter
+            reply: GridOutcomes | BaseException = await future
+        except BaseException:
+            client._pending.forget(header.id)
+            raise
+        finally:
+            del self._inflight[header.id]
+        if isinstance(reply, BaseException):
+            raise reply
         return reply.outcomes
 
     async def listen(self, map_name: str, on: bool) -> None:
         await self._client.request(SERVICE_NAME, Listen(map_name, on))
 
     async def subscribe(self, grid_map: Map[Any, Any]) -> None:
-        """As GridFront's; before the client connects, only noted: the subscription is
-        renewed on connect, before the events waiting in the mailbox are handled."""
+        """As GridFront's; before the client connects, only noted (and asked for once it
+        is): the events waiting in its mailbox then reach ``grid_map`` too."""
         if self._client.connected:
             await super().subscribe(grid_map)
             return
@@ -111,9 +140,30 @@ class ClientGrid(GridFront):
             holding.release(message)
             link.write_packet(*self._client._reply(header, GridDone(), None))
 
-    def connected(self, welcome_partitions: int) -> None:
-        if welcome_partitions:
-            self.partitions = welcome_partitions
+    def connected(self, link: Link, welcome: Welcome) -> None:
+        """A new connection, before the outbox goes out on it: requests sent on an
+        earlier one and not answered go again, marked RESENT. After a service restart the
+        service cannot tell a repeat, so those that must not run twice (put_if_absent,
+        compare_and_set, increment) fail with GridError instead: their outcome is unknown."""
+        restarted = self._boot is not None and welcome.boot != self._boot
+        self._boot = welcome.boot
+        if welcome.partitions:
+            self.partitions = welcome.partitions
+        for request_id, (header, packet, sent_on) in list(self._inflight.items()):
+            if sent_on is None or sent_on is link:
+                self._inflight[request_id] = (header, packet, link)  # from the outbox
+                continue
+            if restarted and not all(op.kind in REPEATABLE for op in packet.ops):
+                self._client._pending.fail(
+                    request_id,
+                    GridError(
+                        "the service restarted while this grid operation was in flight: it "
+                        "may or may not have been applied; read the entry to find out"
+                    ),
+                )
+                continue
+            link.write_packet(replace(header, flags=header.flags | _RESENT), packet)
+            self._inflight[request_id] = (header, packet, link)
         for grid_map in self._watchers.all():
             grid_map.reconnected()
         if self._subscribed:

@@ -97,6 +97,9 @@ class Welcome(msgspec.Struct, omit_defaults=True):
     next: int = 0
     # The data grid's partition count (keys map to partitions by crc32 % partitions).
     partitions: int = 0
+    # A random id of this run of the service process: a client that sees another one knows
+    # the service restarted and forgot which requests it answered.
+    boot: str = ""
 
 
 class PacketHeader(msgspec.Struct, array_like=True, gc=False):

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -26,8 +26,8 @@ from ..grid.messages import (
     Listen,
     send_outcomes,
 )
-from ..grid.ops import READS, Op, Outcome, PartitionData
-from ..protocol import SERVICE_NAME, PacketHeader, PacketReceived
+from ..grid.ops import READS, REPEATABLE, Op, Outcome, PartitionData
+from ..protocol import SERVICE_NAME, Flag, PacketHeader, PacketReceived
 from ..storage import EmbeddedStore
 from .auth import ANYTHING, Principal
 
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .service import Service
     from .session import Session
 
+REMEMBERED = 4096
+_RESENT = int(Flag.RESENT)
 OPS_TAG = GridOps.packet_tag
 OUTCOMES_TAG = GridOutcomes.packet_tag
 _ops_decoder = msgspec.msgpack.Decoder(GridOps)
@@ -53,6 +55,8 @@ class ServiceGrid(GridFront):
             self, store, cfg.grid_partitions, cfg.grid_backups, cfg.max_payload
         )
         self._ids = itertools.count(1)
+        # Answers to requests that must not run twice, by ending and request id.
+        self._answers: dict[str, OrderedDict[int, list[Outcome] | None]] = {}
         self._install()
 
     async def open(self) -> None:
@@ -80,8 +84,19 @@ class ServiceGrid(GridFront):
             self.coordinator.holder_lost(session.holder)
 
     def request(self, session: Session, event: PacketReceived) -> None:
-        """A client's GridOps request: check, then run; answered when done."""
+        """A client's GridOps request: check, then run; answered when done.
+
+        A request the client sent again after a reconnect (RESENT) is answered from memory
+        if it has run here already; only requests that must not run twice are remembered
+        (the last REMEMBERED per ending): the others may simply run again."""
         header = event.header
+        name = session.name
+        remembered = self._answers.get(name)
+        if header.flags & _RESENT and remembered is not None and header.id in remembered:
+            outcomes = remembered[header.id]
+            if outcomes is not None:  # else still running: the answer goes to this session
+                send_outcomes(session.link, self._service._reply, header, outcomes)
+            return
         try:
             ops = _ops_decoder.decode(event.payload).ops
         except msgspec.DecodeError as exc:
@@ -100,9 +115,17 @@ class ServiceGrid(GridFront):
                     self._service._denied(why)
                     self._refuse(session, header, PermissionDenied(why))
                     return
-        name = session.name
+        once = not all(op.kind in REPEATABLE for op in ops)
+        if once:
+            if remembered is None:
+                remembered = self._answers[name] = OrderedDict()
+            remembered[header.id] = None
+            if len(remembered) > REMEMBERED:
+                remembered.popitem(last=False)
 
         def finish(outcomes: list[Outcome]) -> None:
+            if once and remembered is not None and header.id in remembered:
+                remembered[header.id] = outcomes
             requester = self._service.endings.get(name)
             if requester is None or requester.link.closed:
                 return  # gone: its request fails; what it wrote is written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 import time
 from collections import Counter
@@ -121,6 +122,7 @@ class Service(Peer):
         self.mailboxes = Mailboxes(store, cfg, self.stats, self._safe, self._lost)
         self.grid = ServiceGrid(self, store)
         self._now = time.time()  # wall clock of the read being routed (expiry times)
+        self.boot = secrets.token_hex(8)  # this run of the process (WELCOME boot)
         self.packets_in = 0
         self.packets_out = 0
         self.packets_in_by_tag: dict[str, int] = {}
@@ -399,6 +401,7 @@ class Service(Peer):
                     acked=ending.acked,
                     next=ending.next_seq,
                     partitions=cfg.grid_partitions,
+                    boot=self.boot,
                 )
             )
         )
@@ -462,7 +465,7 @@ class Service(Peer):
             return
         source = session.ending
         flags = header.flags
-        if flags & _RESENT and header.id <= source.last_id:
+        if flags & _RESENT and header.id <= source.last_id and header.tag != OPS_TAG:
             self._duplicate(session, header)
             return
         source.last_id = header.id
