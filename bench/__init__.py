@@ -1,5 +1,6 @@
 """PacketStack's benchmark suite: PacketStack against a raw asyncio relay and nats-py
-(messaging), and against mosquitto and NATS JetStream (a durable backlog), side by side.
+(messaging), against mosquitto and NATS JetStream (a durable backlog), and against redis-py
+and Redis (the data grid's maps: ``--only grid``), side by side.
 
 Run ``python3 -m bench --help``; bench/RESULTS.md has the latest figures. ``main(argv)``
 runs it in-process like the command line; ``run(Options(...))`` returns the report.

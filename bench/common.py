@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +64,16 @@ class Plan:
     backlog: int = 100_000  # packets stored for an offline consumer, then replayed
     timebox: float = 10.0  # seconds: a measured phase stops sending after this long
     fill_timebox: float = 60.0  # the same for filling the backlog (slow publishers need ~12 s)
+    # The data grid scenarios (PacketStack maps against Redis): small int values.
+    grid_keys: int = 2_000  # keys preloaded for the get and put scenarios
+    grid_ops1: int = 10_000  # gets or puts with 1 outstanding
+    grid_ops100: int = 100_000  # gets or puts with 100 outstanding
+    grid_local: int = 1_000_000  # gets of owned keys (in-process)
+    grid_put_all: int = 100_000  # entries in one put_all (Redis: pipelines of 100 SETs)
+    grid_warmup: int = 500
+    # Seconds a measured grid phase may run (not the put_all): short, so that the grid
+    # scenarios' 2 x 6 measurements per run stay within ~20 s.
+    grid_timebox: float = 0.8
 
     @classmethod
     def quick(cls) -> Plan:
@@ -75,6 +85,13 @@ class Plan:
             rr_warmup=100,
             backlog=2_000,
             timebox=3.0,
+            grid_keys=500,
+            grid_ops1=300,
+            grid_ops100=3_000,
+            grid_local=5_000,
+            grid_put_all=2_000,
+            grid_warmup=100,
+            grid_timebox=1.0,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,6 +102,8 @@ class Plan:
 
 # The hub process whose CPU time a measurement reports: set by the suite before each one.
 hub_pid: int | None = None
+# The grid holder process of the remote grid scenarios (reported on its own), or None.
+holder_pid: int | None = None
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -121,9 +140,11 @@ class CpuMeter:
 
     def __init__(self) -> None:
         self.pid = hub_pid
+        self.holder_pid = holder_pid
         self.wall = perf_counter()
         self.client = time.process_time()
         self.hub = process_cpu_seconds(self.pid) if self.pid else None
+        self.holder = process_cpu_seconds(self.holder_pid) if self.holder_pid else None
 
     def stop(self, messages: int) -> dict[str, float | None]:
         wall = perf_counter() - self.wall
@@ -131,7 +152,7 @@ class CpuMeter:
         hub_now = process_cpu_seconds(self.pid) if self.pid else None
         hub = hub_now - self.hub if hub_now is not None and self.hub is not None else None
         per = 1e6 / messages if messages else None
-        return {
+        result = {
             "client_cpu_s": client,
             "hub_cpu_s": hub,
             "client_cpu_pct": 100 * client / wall if wall > 0 else None,
@@ -139,6 +160,13 @@ class CpuMeter:
             "client_cpu_us_per_msg": client * per if per else None,
             "hub_cpu_us_per_msg": hub * per if per and hub is not None else None,
         }
+        if self.holder_pid:
+            now = process_cpu_seconds(self.holder_pid)
+            held = now - self.holder if now is not None and self.holder is not None else None
+            result["holder_cpu_s"] = held
+            result["holder_cpu_pct"] = 100 * held / wall if held is not None and wall else None
+            result["holder_cpu_us_per_msg"] = held * per if per and held is not None else None
+        return result
 
 
 # --------------------------------------------------------------------- one-way receipts
@@ -333,6 +361,37 @@ async def drive_requests(
     }
 
 
+async def drive_loop(
+    call: Callable[[Any], Awaitable[Any]], keys: Sequence[Any], total: int, timebox: float
+) -> dict[str, Any]:
+    """``await call(key)`` over ``keys`` (round and round), one at a time, until ``total``
+    calls were made or ``timebox`` seconds passed. Not timed one by one: for operations of a
+    few microseconds the clock would be a good part of what is measured."""
+    count = len(keys)
+    meter = CpuMeter()
+    start = perf_counter()
+    deadline = start + timebox
+    done = 0
+    while done < total:
+        stop = min(total, done + 1024)
+        for i in range(done, stop):
+            await call(keys[i % count])
+        done = stop
+        if perf_counter() > deadline:
+            break
+    elapsed = perf_counter() - start
+    return {
+        "rate": done / elapsed if elapsed > 0 else 0.0,
+        "count": done,
+        "elapsed": elapsed,
+        "outstanding": 1,
+        "p50_us": None,
+        "p99_us": None,
+        "mean_us": elapsed / done * 1e6 if done else None,
+        **meter.stop(done),
+    }
+
+
 def percentile(ordered: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not ordered:
@@ -486,6 +545,72 @@ def packetstack_hub(workdir: Path, port: int | None = None) -> Hub:
     return Hub("packetstack", argv, port, workdir / "packetstack-hub.log")
 
 
+@dataclass
+class GridHub(Hub):
+    """A PacketStack service with a grid holder in a second process that owns every
+    partition (``bench/grid_holder.py``): a client connected to it that holds no data
+    reaches every key through the service and the holder. ``process`` is the service's."""
+
+    holder: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    holder_timeout: float = 30.0
+
+    @property
+    def holder_log(self) -> Path:
+        return self.log_path.with_name("grid-holder.log")
+
+    def start(self, timeout: float = 20.0) -> None:
+        super().start(timeout)
+        ready = self.log_path.with_name("grid-holder.ready")
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "bench.grid_holder", "--url", self.url]
+        argv += ["--ready", str(ready), "--timeout", str(self.holder_timeout)]
+        log = self.holder_log.open("wb")
+        self.holder = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=python_env(),
+            cwd=str(ROOT),
+        )
+        log.close()
+        deadline = time.monotonic() + self.holder_timeout + 10
+        while not ready.exists():
+            if self.holder.poll() is not None or time.monotonic() > deadline:
+                tail = self.holder_log.read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"the grid holder did not take the partitions:\n{tail}")
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return super().alive() and self.holder is not None and self.holder.poll() is None
+
+    def log_tail(self, limit: int = 2000) -> str:
+        try:
+            holder = self.holder_log.read_text(errors="replace")[-limit:]
+        except OSError:
+            holder = ""
+        return super().log_tail(limit) + ("\n[grid holder]\n" + holder if holder else "")
+
+    def stop(self) -> None:
+        holder = self.holder
+        if holder is not None and holder.poll() is None:
+            holder.send_signal(signal.SIGTERM)  # a graceful leave: the service takes back
+            try:
+                holder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                holder.wait(timeout=5)
+        super().stop()
+
+
+def grid_hub(workdir: Path, port: int | None = None) -> GridHub:
+    """A second PacketStack service (its own data directory) with a holder process."""
+    hub = packetstack_hub(workdir / "grid", port)
+    (workdir / "grid").mkdir(exist_ok=True)
+    return GridHub("packetstack-grid", hub.argv, hub.port, workdir / "grid" / "hub.log")
+
+
 def raw_hub(workdir: Path, port: int | None = None) -> Hub:
     port = port or free_port()
     argv = [sys.executable, "-m", "bench.relay", "--port", str(port)]
@@ -527,6 +652,10 @@ def mosquitto_hub(workdir: Path, binary: str, port: int | None = None) -> Hub:
 PIN_MODES = ("auto", "split", "same", "none")
 
 
+# Scenarios of one request or operation at a time: placed like req-1 by --pin auto.
+SEQUENTIAL_SCENARIOS = frozenset({"req-1", "grid-get-1", "grid-put-1"})
+
+
 def placement_for(pin: str, scenario: str) -> str:
     """Where a scenario runs: "split" (hub and clients on two different CPUs), "same" (one
     CPU for both) or "none" (the scheduler decides).
@@ -537,7 +666,7 @@ def placement_for(pin: str, scenario: str) -> str:
     so, which turns 1-outstanding latencies bimodal: sharing one CPU costs a sequential
     round trip nothing and measures the software path alone."""
     if pin == "auto":
-        return "same" if scenario == "req-1" else "split"
+        return "same" if scenario in SEQUENTIAL_SCENARIOS else "split"
     return pin
 
 
@@ -555,14 +684,24 @@ class Placement:
         self.original = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         self.cpus = sorted(self.original)
 
-    def apply(self, mode: str, hub_pid: int | None) -> dict[str, Any]:
+    def apply(
+        self, mode: str, hub_pid: int | None, companions: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        """Pin the clients (this process), the hub and the hub's ``companions`` (processes
+        that serve with it: the grid holder), which go on the hub's CPU."""
         if mode == "none" or len(self.cpus) < 2:
             self.restore()
+            for pid in companions:
+                _set_affinity(pid, set(self.original))
+            if hub_pid:
+                _set_affinity(hub_pid, set(self.original))
             return {"mode": "none", "client_cpu": None, "hub_cpu": None}
         client, hub = self.cpus[0], self.cpus[1] if mode == "split" else self.cpus[0]
         _set_affinity(0, {client})
         if hub_pid:
             _set_affinity(hub_pid, {hub})
+        for pid in companions:
+            _set_affinity(pid, {hub})
         return {"mode": mode, "client_cpu": client, "hub_cpu": hub if hub_pid else None}
 
     def restore(self) -> None:
@@ -637,6 +776,8 @@ def machine_info() -> dict[str, Any]:
         "msgspec": _version("msgspec"),
         "nats_py": _version("nats-py"),
         "aiomqtt": _version("aiomqtt"),
+        "redis_py": _version("redis"),
+        "hiredis": _version("hiredis"),
         "packetstack": _version("packetstack"),
         "packetstack_source": source,
         # Only meaningful when packetstack comes from this work tree's src/.

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from .suite import DURABLE_SCENARIOS, format_report
+from .suite import format_report, has_holder, table_kind
 
 
 def _cell(value: float | None, spec: str, suffix: str = "") -> str:
@@ -24,7 +24,7 @@ def _load(values: list[float] | None) -> str:
 
 def _messaging(report: dict[str, Any]) -> list[str]:
     """The messaging scenarios' table, or nothing when none was run."""
-    rows = [r for r in report["table"] if r["scenario"] not in DURABLE_SCENARIOS]
+    rows = [r for r in report["table"] if table_kind(r["scenario"]) == "messaging"]
     if not rows:
         return []
     lines = [
@@ -44,7 +44,7 @@ def _messaging(report: dict[str, Any]) -> list[str]:
 
 def _backlog(report: dict[str, Any]) -> list[str]:
     """The durable scenarios' table, or nothing when none was run."""
-    rows = [r for r in report["table"] if r["scenario"] in DURABLE_SCENARIOS]
+    rows = [r for r in report["table"] if table_kind(r["scenario"]) == "durable"]
     if not rows:
         return []
     lines = [
@@ -63,6 +63,26 @@ def _backlog(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _data_grid(report: dict[str, Any]) -> list[str]:
+    """The data grid scenarios' table, or nothing when none was run."""
+    rows = [r for r in report["table"] if table_kind(r["scenario"]) == "grid"]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| scenario | system | rate (ops/s) | p50 µs | p99 µs | rate vs redis | p50 vs redis |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['scenario']} | {row['system']} | {_cell(row['rate'], ',.0f')} | "
+            f"{_cell(row['p50_us'], ',.1f')} | {_cell(row['p99_us'], ',.1f')} | "
+            f"{_cell(row['ratio_vs_redis'], '.2f', 'x')} | "
+            f"{_cell(row.get('p50_ratio_vs_redis'), '.2f', 'x')} |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -75,6 +95,14 @@ def markdown(report: dict[str, Any]) -> str:
             if m.get("mosquitto")
             else []
         ),
+        *(
+            [
+                f"- redis: {m['redis_server']} (not started by the suite); redis-py "
+                f"{m.get('redis_py')}, hiredis {m.get('hiredis') or 'not installed'}"
+            ]
+            if m.get("redis_server")
+            else []
+        ),
         f"- packetstack {m['packetstack']} from `{m.get('packetstack_source')}`, commit "
         f"`{m.get('git_commit')}`"
         + (" (with uncommitted changes in src/)" if m.get("git_src_dirty") else ""),
@@ -83,21 +111,33 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines += _messaging(report)
     lines += _backlog(report)
+    lines += _data_grid(report)
+    holders = has_holder(report)
+    grid = any(table_kind(scenario) == "grid" for scenario in report["scenarios"])
     lines += [
         "",
         "| scenario | system | client CPU µs/msg | hub CPU µs/msg | client CPU | hub CPU |"
-        " rates of the runs (msg/s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        + (" holder CPU µs/msg | holder CPU |" if holders else "")
+        + (" rates of the runs (msg/s; grid: ops/s) |" if grid else " rates of the runs (msg/s) |"),
+        "| --- | --- | ---: | ---: | ---: | ---: |"
+        + (" ---: | ---: |" if holders else "")
+        + " --- |",
     ]
     for scenario, entry in report["scenarios"].items():
         for system, data in entry["systems"].items():
             med = data["median"]
             rates = ", ".join(_cell(r.get("rate"), ",.0f") for r in data["runs"])
+            holder = (
+                f"{_cell(med.get('holder_cpu_us_per_msg'), '.2f')} | "
+                f"{_cell(med.get('holder_cpu_pct'), '.0f', '%')} | "
+                if holders
+                else ""
+            )
             lines.append(
                 f"| {scenario} | {system} | {_cell(med.get('client_cpu_us_per_msg'), '.2f')} | "
                 f"{_cell(med.get('hub_cpu_us_per_msg'), '.2f')} | "
                 f"{_cell(med.get('client_cpu_pct'), '.0f', '%')} | "
-                f"{_cell(med.get('hub_cpu_pct'), '.0f', '%')} | {rates} |"
+                f"{_cell(med.get('hub_cpu_pct'), '.0f', '%')} | {holder}{rates} |"
             )
     lines += ["", "| target | value | needs | met |", "| --- | ---: | ---: | --- |"]
     for t in report["targets"]:

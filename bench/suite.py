@@ -18,14 +18,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import common, sys_jetstream, sys_mosquitto, sys_nats, sys_packetstack, sys_raw
+from . import common, sys_jetstream, sys_mosquitto, sys_nats, sys_packetstack, sys_raw, sys_redis
 from .common import (
     BODY_SIZE,
     PIN_MODES,
+    GridHub,
     Hub,
     Placement,
     Plan,
     find_pid,
+    grid_hub,
     hub_dir,
     machine_info,
     median,
@@ -49,6 +51,8 @@ MEDIAN_KEYS = (
     "hub_cpu_us_per_msg",
     "client_cpu_pct",
     "hub_cpu_pct",
+    "holder_cpu_us_per_msg",
+    "holder_cpu_pct",
 )
 
 SCENARIOS: dict[str, str] = {
@@ -57,7 +61,28 @@ SCENARIOS: dict[str, str] = {
     "req-100": "request/reply through the hub, 100 outstanding (100 concurrent requesters)",
     "backlog": "packets stored durably for an offline consumer, then replayed when it connects: "
     "replayed packets/s (rate) and acknowledged-as-stored packets/s (accept_rate)",
+    "grid-get-1": "data grid: remote get of preloaded keys, 1 outstanding (Redis: GET)",
+    "grid-put-1": "data grid: remote put of preloaded keys, 1 outstanding (Redis: SET)",
+    "grid-get-100": "data grid: remote get, 100 outstanding (Redis: GET, 100 tasks, pool of 100)",
+    "grid-put-100": "data grid: remote put, 100 outstanding (Redis: SET, 100 tasks, pool of 100)",
+    "grid-local-get": "data grid: get of keys whose partitions the client owns, one at a time "
+    "(Redis: GET, 1 outstanding)",
+    "grid-put-all": "data grid: one put_all of 100,000 int entries (Redis: pipelines of 100 SETs, "
+    "transaction=False, one after another)",
 }
+GRID_SCENARIOS = (
+    "grid-get-1",
+    "grid-put-1",
+    "grid-get-100",
+    "grid-put-100",
+    "grid-local-get",
+    "grid-put-all",
+)
+# Names for several scenarios at once in --only.
+SCENARIO_GROUPS: dict[str, tuple[str, ...]] = {"grid": GRID_SCENARIOS}
+# PacketStack's side of these runs against a service with a holder process (GridHub):
+# every operation of the measuring client (a non-holder) is remote.
+REMOTE_GRID = frozenset(GRID_SCENARIOS) - {"grid-local-get"}
 SYSTEMS: dict[str, str] = {
     "packetstack": "PacketStack Client -> `packetstack serve` (own process, uvloop)",
     "raw": "raw asyncio.Protocol clients -> raw relay with the same framing (own process, uvloop)",
@@ -66,6 +91,8 @@ SYSTEMS: dict[str, str] = {
     "(own process, unlimited queue, no persistence) or the broker at --mqtt-url",
     "jetstream": "nats-py JetStream (uvloop): file-storage stream, durable push consumer "
     "-> nats-server on 127.0.0.1:4222",
+    "redis": "redis-py asyncio client (uvloop) -> the Redis server on 127.0.0.1:6379 "
+    "(data grid scenarios)",
 }
 # The systems each scenario compares: the backlog needs a server that stores packets.
 MESSAGING = ("packetstack", "raw", "nats")
@@ -74,9 +101,10 @@ SCENARIO_SYSTEMS: dict[str, tuple[str, ...]] = {
     "req-1": MESSAGING,
     "req-100": MESSAGING,
     "backlog": ("packetstack", "mosquitto", "jetstream"),
+    **{scenario: ("packetstack", "redis") for scenario in GRID_SCENARIOS},
 }
 DURABLE_SCENARIOS = frozenset({"backlog"})  # reported in a table of their own
-BASELINES = ("raw", "nats", "mosquitto", "jetstream")  # every entry has ratio_vs_<each>
+BASELINES = ("raw", "nats", "mosquitto", "jetstream", "redis")  # ratio_vs_<each> everywhere
 
 # What the issue asks of PacketStack: (name, scenario, measure, against, op, threshold, text)
 TARGETS: list[tuple[str, str, str, str, str, float, str]] = [
@@ -118,6 +146,42 @@ TARGETS: list[tuple[str, str, str, str, str, float, str]] = [
         1.0,
         "backlog replay rate >= 1x NATS JetStream (nats-py, file storage)",
     ),
+    (
+        "grid_get100_vs_redis",
+        "grid-get-100",
+        "rate",
+        "redis",
+        ">=",
+        2.0,
+        "grid remote get rate with 100 outstanding >= 2x redis-py GET",
+    ),
+    (
+        "grid_put100_vs_redis",
+        "grid-put-100",
+        "rate",
+        "redis",
+        ">=",
+        2.0,
+        "grid remote put rate with 100 outstanding >= 2x redis-py SET",
+    ),
+    (
+        "grid_local_get_vs_redis",
+        "grid-local-get",
+        "rate",
+        "redis",
+        ">=",
+        50.0,
+        "grid get of owned keys >= 50x redis-py GET (1 outstanding)",
+    ),
+    (
+        "grid_put_all_vs_redis",
+        "grid-put-all",
+        "rate",
+        "redis",
+        ">=",
+        2.0,
+        "grid put_all of 100,000 entries >= 2x redis-py pipelines of 100 SETs",
+    ),
 ]
 
 
@@ -131,6 +195,7 @@ class Options:
     timebox: float | None = None
     nats_url: str = sys_nats.NATS_URL
     mqtt_url: str | None = None  # None: the suite starts its own mosquitto
+    redis_url: str = sys_redis.REDIS_URL
     check: bool = False
     quiet: bool = False
     pin: str = "auto"
@@ -155,8 +220,11 @@ def _driver(
         "nats": sys_nats,
         "mosquitto": sys_mosquitto,
         "jetstream": sys_jetstream,
+        "redis": sys_redis,
     }[system]
     target: Any = int(address) if system == "raw" else address
+    if scenario in GRID_SCENARIOS:
+        return _grid_driver(system, scenario, address, plan)
     if scenario == "backlog":
         return lambda: module.backlog(target, plan)
     if scenario == "one-way":
@@ -165,12 +233,43 @@ def _driver(
     return lambda: module.request_reply(target, plan, outstanding)
 
 
+def _grid_driver(
+    system: str, scenario: str, address: str, plan: Plan
+) -> Callable[[], Coroutine[Any, Any, dict[str, Any]]]:
+    if system == "packetstack":
+        remote, local_get, put_all = (
+            sys_packetstack.grid_remote,
+            sys_packetstack.grid_local_get,
+            sys_packetstack.grid_put_all,
+        )
+    else:
+        remote, local_get, put_all = sys_redis.remote, sys_redis.local_get, sys_redis.put_all
+    if scenario == "grid-local-get":
+        return lambda: local_get(address, plan)
+    if scenario == "grid-put-all":
+        return lambda: put_all(address, plan)
+    _, op, outstanding = scenario.split("-")
+    return lambda: remote(address, plan, op, int(outstanding))
+
+
+def server_of(system: str, scenario: str) -> str:
+    """The server a system's run of a scenario talks to: the remote grid scenarios have a
+    PacketStack service of their own, with a holder process (GridHub)."""
+    return "packetstack-grid" if system == "packetstack" and scenario in REMOTE_GRID else system
+
+
 def measure(
-    system: str, scenario: str, address: str, plan: Plan, hub_pid: int | None = None
+    system: str,
+    scenario: str,
+    address: str,
+    plan: Plan,
+    hub_pid: int | None = None,
+    holder_pid: int | None = None,
 ) -> dict[str, Any]:
     """One measurement on a fresh event loop, bounded in time as a whole. ``hub_pid``:
-    the hub process whose CPU time the result reports."""
+    the hub process whose CPU time the result reports (``holder_pid``: the grid holder's)."""
     common.hub_pid = hub_pid
+    common.holder_pid = holder_pid
     make = _driver(system, scenario, address, plan)
     limit = plan.timebox * 2 + 120 + (plan.fill_timebox if scenario in DURABLE_SCENARIOS else 0)
 
@@ -203,6 +302,8 @@ def _own_hubs(options: Options, needed: set[str], workdir: Path, servers: _Serve
     """Create (not start) the hubs this run needs and runs itself."""
     if "packetstack" in needed:
         servers.hubs["packetstack"] = packetstack_hub(workdir)
+    if "packetstack-grid" in needed:
+        servers.hubs["packetstack-grid"] = grid_hub(workdir)
     if "raw" in needed:
         servers.hubs["raw"] = raw_hub(workdir)
     if "mosquitto" in needed and options.mqtt_url is None:
@@ -233,13 +334,37 @@ def _other_servers(
         except Exception as exc:  # measured below anyway: each run records the error
             machine["nats_server"] = None
             _log(options, f"NATS at {options.nats_url} is not usable: {exc!r}")
+    if "redis" in needed:
+        _redis_server(options, machine, servers)
+
+
+def _redis_server(options: Options, machine: dict[str, Any], servers: _Servers) -> None:
+    """The Redis server the grid scenarios compare with (not started by the suite)."""
+    servers.addresses["redis"] = options.redis_url
+    servers.pids["redis"] = find_pid("redis-server")  # None when it runs elsewhere
+    if sys_redis.aioredis is None:
+        servers.unavailable["redis"] = (
+            "redis-py is not installed: pip install -e '.[bench]' (or '.[test]')"
+        )
+        return
+    try:
+        machine["redis_server"] = run_loop(sys_redis.server_version(options.redis_url))
+    except Exception as exc:
+        machine["redis_server"] = None
+        servers.unavailable["redis"] = (
+            f"Redis at {options.redis_url} is not usable ({type(exc).__name__}: {exc}); "
+            "start it (redis-server) or pass --redis-url"
+        )
 
 
 def _start_hubs(options: Options, machine: dict[str, Any], servers: _Servers) -> None:
     for name, hub in servers.hubs.items():
         hub.start()
         servers.addresses[name] = str(hub.port) if name == "raw" else hub.url
-        _log(options, f"hub {name}: pid {hub.process.pid if hub.process else '?'}, port {hub.port}")
+        text = f"hub {name}: pid {hub.process.pid if hub.process else '?'}, port {hub.port}"
+        if isinstance(hub, GridHub) and hub.holder is not None:
+            text += f", grid holder pid {hub.holder.pid}"
+        _log(options, text)
     mosquitto = servers.hubs.get("mosquitto")
     if mosquitto is not None:
         version = mosquitto_version(mosquitto.argv[0]) or "mosquitto"
@@ -252,22 +377,31 @@ def _measure_one(
     options: Options, servers: _Servers, placement: Placement, scenario: str, system: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One run of ``scenario`` for ``system``: (result, CPU placement)."""
-    own = servers.hubs.get(system)
+    server = server_of(system, scenario)
+    own = servers.hubs.get(server)
     if own is not None and not own.alive():
-        _log(options, f"hub {system} died; restarting:\n{own.log_tail()}")
+        _log(options, f"hub {server} died; restarting:\n{own.log_tail()}")
+        own.stop()  # what is left of it (a GridHub is two processes)
         own.start()
     if own is not None and own.process is not None:
-        servers.pids[system] = own.process.pid
-    # Only hubs this suite started are pinned; the NATS server is not ours.
+        servers.pids[server] = own.process.pid
+    holder = own.holder.pid if isinstance(own, GridHub) and own.holder is not None else None
+    # Only hubs this suite started are pinned; the NATS and Redis servers are not ours.
     placed = placement.apply(
         placement_for(options.pin, scenario),
         own.process.pid if own is not None and own.process else None,
+        [holder] if holder else [],
     )
-    if system in servers.unavailable:
-        return {"error": servers.unavailable[system], "rate": None}, placed
+    if server in servers.unavailable:
+        return {"error": servers.unavailable[server], "rate": None}, placed
     try:
         result = measure(
-            system, scenario, servers.addresses[system], options.plan, servers.pids.get(system)
+            system,
+            scenario,
+            servers.addresses[server],
+            options.plan,
+            servers.pids.get(server),
+            holder,
         )
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}", "rate": None}
@@ -277,6 +411,7 @@ def _measure_one(
 def run(options: Options) -> dict[str, Any]:
     """Measure every selected scenario for every selected system ``options.runs`` times
     (each scenario only for the systems it compares: SCENARIO_SYSTEMS)."""
+    options = replace(options, only=expand_scenarios(options.only))
     unknown = [s for s in options.only if s not in SCENARIOS]
     unknown += [s for s in options.systems if s not in SYSTEMS]
     if unknown:
@@ -291,7 +426,7 @@ def run(options: Options) -> dict[str, Any]:
         for sc in SCENARIOS
         if sc in options.only
     }
-    needed = {sy for systems in pairs.values() for sy in systems}
+    needed = {server_of(sy, sc) for sc, systems in pairs.items() for sy in systems}
     machine = machine_info()
     began = time.perf_counter()
     raw_runs: dict[str, dict[str, list[dict[str, Any]]]] = {
@@ -335,7 +470,8 @@ def _progress(index: int, runs: int, scenario: str, system: str, result: dict[st
     head = f"run {index}/{runs} {scenario:<8} {system:<12}"
     if result.get("error"):
         return f"{head} ERROR {result['error']}"
-    text = f"{head} {result['rate']:>12,.0f} msg/s"
+    unit = "ops/s" if scenario in GRID_SCENARIOS else "msg/s"
+    text = f"{head} {result['rate']:>12,.0f} {unit}"
     if result.get("p50_us") is not None:
         text += f"  p50 {result['p50_us']:8.1f} µs  p99 {result['p99_us']:8.1f} µs"
     if result.get("accept_rate") is not None:
@@ -396,6 +532,7 @@ def _report(
                 "median": med,
                 **ratios,
                 "p50_ratio_vs_raw": _ratio(med["p50_us"], medians.get("raw", {}).get("p50_us")),
+                "p50_ratio_vs_redis": _ratio(med["p50_us"], medians.get("redis", {}).get("p50_us")),
             }
             systems[system] = entry
             losses = [r["lost"] for r in runs if not r.get("error") and r.get("lost") is not None]
@@ -409,6 +546,7 @@ def _report(
                     "p99_us": med["p99_us"],
                     "lost_max": max(losses) if losses else None,
                     **ratios,
+                    "p50_ratio_vs_redis": entry["p50_ratio_vs_redis"],
                 }
             )
         scenarios[scenario] = {"description": SCENARIOS[scenario], "systems": systems}
@@ -443,6 +581,7 @@ def _report(
             "systems": [s for s in SYSTEMS if s in options.systems],
             "nats_url": options.nats_url,
             "mqtt_url": options.mqtt_url,
+            "redis_url": options.redis_url,
             "pin": options.pin,
             "plan": plan.as_dict(),
             "body_bytes": BODY_SIZE,
@@ -461,7 +600,7 @@ def _argv_of(options: Options) -> list[str]:
     if options.quick:
         argv.append("--quick")
     if set(options.only) != set(SCENARIOS):
-        argv += ["--only", ",".join(options.only)]
+        argv += ["--only", ",".join(_grouped(options.only))]
     if set(options.systems) != set(SYSTEMS):
         argv += ["--systems", ",".join(options.systems)]
     if options.timebox is not None:
@@ -470,9 +609,32 @@ def _argv_of(options: Options) -> list[str]:
         argv += ["--pin", options.pin]
     if options.mqtt_url is not None:
         argv += ["--mqtt-url", options.mqtt_url]
+    if options.redis_url != sys_redis.REDIS_URL:
+        argv += ["--redis-url", options.redis_url]
     if options.json_path:
         argv += ["--json", options.json_path]
     return argv
+
+
+def expand_scenarios(names: Sequence[str]) -> list[str]:
+    """Scenario names with each group name (``grid``) replaced by its scenarios."""
+    out: list[str] = []
+    for name in names:
+        for scenario in SCENARIO_GROUPS.get(name, (name,)):
+            if scenario not in out:
+                out.append(scenario)
+    return out
+
+
+def _grouped(names: Sequence[str]) -> list[str]:
+    """The inverse, for the command line a report shows: whole groups by their name."""
+    out = [s for s in SCENARIOS if s in names]
+    for group, members in SCENARIO_GROUPS.items():
+        if set(members) <= set(out):
+            first = out.index(members[0])
+            out = [s for s in out if s not in members]
+            out.insert(min(first, len(out)), group)
+    return out
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -505,8 +667,15 @@ def _grid(head: Cells, rows: Sequence[Cells], rule: bool = True) -> list[str]:
     return out
 
 
-def _rows(report: dict[str, Any], durable: bool) -> list[dict[str, Any]]:
-    return [r for r in report["table"] if (r["scenario"] in DURABLE_SCENARIOS) == durable]
+def table_kind(scenario: str) -> str:
+    """Which table a scenario's rows go in: "messaging", "durable" or "grid"."""
+    if scenario in DURABLE_SCENARIOS:
+        return "durable"
+    return "grid" if scenario in GRID_SCENARIOS else "messaging"
+
+
+def _rows(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [r for r in report["table"] if table_kind(r["scenario"]) == kind]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -530,7 +699,7 @@ def format_table(report: dict[str, Any]) -> str:
             _fmt(row["ratio_vs_raw"], ".2f", "x"),
             _fmt(row["ratio_vs_nats"], ".2f", "x"),
         )
-        for row in _rows(report, durable=False)
+        for row in _rows(report, "messaging")
     ]
     return "\n".join(_grid(head, rows))
 
@@ -556,31 +725,66 @@ def format_backlog(report: dict[str, Any]) -> str:
             _fmt(row["ratio_vs_mosquitto"], ".2f", "x"),
             _fmt(row["ratio_vs_jetstream"], ".2f", "x"),
         )
-        for row in _rows(report, durable=True)
+        for row in _rows(report, "durable")
+    ]
+    return "\n".join(_grid(head, rows))
+
+
+def format_data_grid(report: dict[str, Any]) -> str:
+    """The data grid scenarios: operations per second, latencies, ratios against redis-py."""
+    head = ("scenario", "system", "rate (ops/s)", "p50 µs", "p99 µs", "vs redis", "p50 vs redis")
+    rows = [
+        (
+            row["scenario"],
+            row["system"],
+            _fmt(row["rate"], ",.0f"),
+            _fmt(row["p50_us"], ",.1f"),
+            _fmt(row["p99_us"], ",.1f"),
+            _fmt(row["ratio_vs_redis"], ".2f", "x"),
+            _fmt(row.get("p50_ratio_vs_redis"), ".2f", "x"),
+        )
+        for row in _rows(report, "grid")
     ]
     return "\n".join(_grid(head, rows))
 
 
 def format_cpu(report: dict[str, Any]) -> str:
-    """Where the CPU goes: per delivered message/request, in the client process and the hub."""
-    head = ("scenario", "system", "client µs/msg", "hub µs/msg", "client CPU", "hub CPU")
+    """Where the CPU goes: per delivered message/request, in the client process and the hub
+    (and the grid holder process, when a scenario has one)."""
+    holders = has_holder(report)
+    head: Cells = ("scenario", "system", "client µs/msg", "hub µs/msg", "client CPU", "hub CPU")
+    if holders:
+        head += ("holder µs/msg", "holder CPU")
     rows = []
     for scenario, entry in report["scenarios"].items():
         for system, data in entry["systems"].items():
             med = data["median"]
-            rows.append(
-                (
-                    scenario,
-                    system,
-                    _fmt(med.get("client_cpu_us_per_msg"), ".2f"),
-                    _fmt(med.get("hub_cpu_us_per_msg"), ".2f"),
-                    _fmt(med.get("client_cpu_pct"), ".0f", "%"),
-                    _fmt(med.get("hub_cpu_pct"), ".0f", "%"),
-                )
+            row: Cells = (
+                scenario,
+                system,
+                _fmt(med.get("client_cpu_us_per_msg"), ".2f"),
+                _fmt(med.get("hub_cpu_us_per_msg"), ".2f"),
+                _fmt(med.get("client_cpu_pct"), ".0f", "%"),
+                _fmt(med.get("hub_cpu_pct"), ".0f", "%"),
             )
+            if holders:
+                row += (
+                    _fmt(med.get("holder_cpu_us_per_msg"), ".2f"),
+                    _fmt(med.get("holder_cpu_pct"), ".0f", "%"),
+                )
+            rows.append(row)
     lines = _grid(head, rows, rule=False)
     title = "CPU per message (median; 100% = one core busy for the whole measured phase):"
     return "\n".join([title, *("  " + line for line in lines)])
+
+
+def has_holder(report: dict[str, Any]) -> bool:
+    """Whether some scenario's medians include a grid holder process's CPU."""
+    return any(
+        data["median"].get("holder_cpu_us_per_msg") is not None
+        for entry in report["scenarios"].values()
+        for data in entry["systems"].values()
+    )
 
 
 def format_targets(report: dict[str, Any]) -> str:
@@ -604,7 +808,7 @@ def _placement_line(report: dict[str, Any]) -> str:
         parts.append(f"{scenario}: {'/'.join(sorted(modes)) or '?'}")
     return (
         f"CPU placement (--pin {report['options']['pin']}; split = hub and clients on two "
-        "CPUs, same = one CPU; servers the suite did not start (NATS, --mqtt-url) are never "
+        "CPUs, same = one CPU; servers the suite did not start (NATS, Redis, --mqtt-url) are never "
         "pinned): " + ", ".join(parts)
     )
 
@@ -624,9 +828,18 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if m.get("mosquitto"):
         lines.append(f"mosquitto: {m['mosquitto']}; aiomqtt {m.get('aiomqtt') or '?'}")
+    if m.get("redis_server"):
+        lines.append(
+            f"redis: {m['redis_server']} (not started by the suite); redis-py "
+            f"{m.get('redis_py') or '?'}, hiredis {m.get('hiredis') or 'not installed'}"
+        )
     lines.append(_placement_line(report))
-    for durable, table in ((False, format_table), (True, format_backlog)):
-        if _rows(report, durable):
+    for kind, table in (
+        ("messaging", format_table),
+        ("durable", format_backlog),
+        ("grid", format_data_grid),
+    ):
+        if _rows(report, kind):
             lines += ["", table(report)]
     lines += ["", format_cpu(report), "", format_targets(report)]
     errors = [
@@ -653,8 +866,8 @@ def _names(values: list[str] | None, default: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python3 -m bench",
-        description="PacketStack against a raw asyncio relay, nats-py, mosquitto and NATS "
-        "JetStream, in the same run.",
+        description="PacketStack against a raw asyncio relay, nats-py, mosquitto, NATS "
+        "JetStream and redis-py, in the same run.",
     )
     parser.add_argument(
         "--runs", type=int, default=3, help="repeat each scenario N times and report the median [3]"
@@ -664,7 +877,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--only",
         action="append",
         metavar="NAMES",
-        help=f"comma-separated scenarios to run: {', '.join(SCENARIOS)}",
+        help=f"comma-separated scenarios to run: {', '.join(SCENARIOS)}; "
+        f"'grid' for every data grid scenario",
     )
     parser.add_argument(
         "--systems",
@@ -689,11 +903,18 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "broker the suite starts; a packaged broker queues only 1000 messages per client",
     )
     parser.add_argument(
+        "--redis-url",
+        default=sys_redis.REDIS_URL,
+        metavar="URL",
+        help="the Redis server the data grid scenarios compare with [%(default)s]",
+    )
+    parser.add_argument(
         "--pin",
         choices=PIN_MODES,
         default="auto",
         help="CPU placement of the hub and the clients: split = two CPUs, same = one CPU, "
-        "none = the scheduler's choice; auto [default] = same for req-1, split otherwise",
+        "none = the scheduler's choice; auto [default] = same for req-1, grid-get-1 and "
+        "grid-put-1, split otherwise",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -701,12 +922,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return Options(
         runs=args.runs,
         quick=args.quick,
-        only=_names(args.only, list(SCENARIOS)),
+        only=expand_scenarios(_names(args.only, list(SCENARIOS))),
         systems=_names(args.systems, list(SYSTEMS)),
         json_path=args.json_path,
         timebox=args.timebox,
         nats_url=args.nats_url,
         mqtt_url=args.mqtt_url,
+        redis_url=args.redis_url,
         check=args.check,
         quiet=args.quiet,
         pin=args.pin,

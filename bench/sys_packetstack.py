@@ -1,14 +1,21 @@
 """PacketStack's drivers: two Clients talking through a service in its own process.
 
 The backlog scenario sends to an ending that is not connected: the service stores those
-packets durably in its mailbox and delivers them when it connects."""
+packets durably in its mailbox and delivers them when it connects. The data grid scenarios
+use one client and a map of its own (``client.grid.map``), against a service with a holder
+process (remote operations) or as the only holder (owned gets)."""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 from packetstack import Client, Context, Packet
 from packetstack.codec import encode
+from packetstack.grid import Map
 
 from .common import (
     BODY_SIZE,
@@ -17,6 +24,7 @@ from .common import (
     Plan,
     Receipts,
     backlog_result,
+    drive_loop,
     drive_requests,
     one_way_result,
     perf_counter,
@@ -147,3 +155,115 @@ async def backlog(url: str, plan: Plan, count: int | None = None) -> dict[str, A
     finally:
         await producer.close()
         await sink.close()
+
+
+# ------------------------------------------------------------------------ data grid
+
+GRID_CLIENT = "bench-grid"
+
+
+def _grid_name() -> str:
+    """A map of its own for every measurement: no run sees another's entries."""
+    return f"bench-{secrets.token_hex(6)}"
+
+
+@asynccontextmanager
+async def _grid_map(url: str, holds_data: bool) -> AsyncIterator[tuple[Client, Map[str, int]]]:
+    """A connected client and a fresh map of int values, cleared afterwards."""
+    client = Client(
+        GRID_CLIENT, url, reconnect=False, request_timeout=REQUEST_TIMEOUT, holds_data=holds_data
+    )
+    await client.connect()
+    grid_map: Map[str, int] = client.grid.map(_grid_name(), int, str)
+    try:
+        yield client, grid_map
+    finally:
+        try:
+            if client.connected:
+                await grid_map.clear()
+        finally:
+            await client.close()
+
+
+async def _preload(grid_map: Map[str, int], keys: list[str]) -> None:
+    await grid_map.put_all({key: i for i, key in enumerate(keys)})
+
+
+async def grid_remote(url: str, plan: Plan, op: str, outstanding: int) -> dict[str, Any]:
+    """``get`` or ``put`` of preloaded keys by a client that holds no data, with
+    ``outstanding`` tasks: every operation goes to the service and on to the holder that
+    owns the key's partition (url: a service with a holder process, see GridHub)."""
+    total = plan.grid_ops1 if outstanding == 1 else plan.grid_ops100
+    async with _grid_map(url, holds_data=False) as (_, grid_map):
+        keys = [f"k{i}" for i in range(plan.grid_keys)]
+        await _preload(grid_map, keys)
+        count = len(keys)
+        turn = [0]
+        get, put = grid_map.get, grid_map.put
+
+        if op == "get":
+
+            async def request() -> None:
+                i = turn[0]
+                turn[0] = i + 1
+                if await get(keys[i % count]) is None:
+                    raise RuntimeError(f"the grid lost the preloaded key {keys[i % count]!r}")
+
+        else:
+
+            async def request() -> None:
+                i = turn[0]
+                turn[0] = i + 1
+                await put(keys[i % count], i)
+
+        await drive_requests(request, plan.grid_warmup, outstanding, 60)
+        return await drive_requests(request, total, outstanding, plan.grid_timebox)
+
+
+async def grid_local_get(url: str, plan: Plan, timeout: float = 30.0) -> dict[str, Any]:
+    """``get`` of keys whose partitions this client owns: it is the only holder (url: a
+    service with no holder), so once it owns every partition each get is in-process."""
+    async with _grid_map(url, holds_data=True) as (client, grid_map):
+        holding = client.grid.holding
+        assert holding is not None
+        deadline = perf_counter() + timeout
+        while len(holding.owned) < client.grid.partitions:
+            if perf_counter() > deadline:
+                raise RuntimeError(
+                    f"the client owns {len(holding.owned)} of {client.grid.partitions} "
+                    f"partitions after {timeout:g} s: is another holder connected?"
+                )
+            await asyncio.sleep(0.01)
+        keys = [f"k{i}" for i in range(plan.grid_keys)]
+        await _preload(grid_map, keys)
+        if await grid_map.get(keys[-1]) != len(keys) - 1:
+            raise RuntimeError("an owned key does not read back what was put")
+        get = grid_map.get
+        await drive_loop(get, keys, plan.grid_warmup, 60)
+        return await drive_loop(get, keys, plan.grid_local, plan.grid_timebox)
+
+
+async def grid_put_all(url: str, plan: Plan) -> dict[str, Any]:
+    """One ``put_all`` of N entries by a client that holds no data (the holder process
+    owns every partition); returns once every entry is applied and journaled."""
+    total = plan.grid_put_all
+    async with _grid_map(url, holds_data=False) as (_, grid_map):
+        keys = [f"k{i}" for i in range(total)]
+        entries = {key: i for i, key in enumerate(keys)}
+        await grid_map.put_all({f"warm{i}": i for i in range(100)})
+        meter = CpuMeter()
+        start = perf_counter()
+        await grid_map.put_all(entries)
+        elapsed = perf_counter() - start
+        sample = keys[:: max(1, total // 100)]
+        found = await grid_map.get_all(sample)
+        if len(found) != len(sample):
+            raise RuntimeError("the grid did not store every entry of the put_all")
+        return {
+            "rate": total / elapsed if elapsed > 0 else 0.0,
+            "count": total,
+            "elapsed": elapsed,
+            "p50_us": None,
+            "p99_us": None,
+            **meter.stop(total),
+        }

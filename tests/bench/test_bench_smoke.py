@@ -1,13 +1,15 @@
 """Smoke test of the benchmark suite (bench/): every scenario, every system, tiny counts.
 
 The messaging scenarios need the NATS server on 127.0.0.1:4222; the backlog baselines need
-it too (JetStream) and the mosquitto binary (the suite starts a private broker), and one test
-measures the machine's mosquitto on 127.0.0.1:1883. Without them the tests are skipped
-locally and fail under CI=true.
+it too (JetStream) and the mosquitto binary (the suite starts a private broker), one test
+measures the machine's mosquitto on 127.0.0.1:1883, and the data grid's baseline needs the
+Redis server on 127.0.0.1:6379. Without them the tests are skipped locally and fail under
+CI=true.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -24,6 +26,21 @@ SCENARIOS = ("one-way", "req-1", "req-100")
 SYSTEMS = ("packetstack", "raw", "nats")
 BACKLOG_BASELINES = ("mosquitto", "jetstream")
 QUICK_BACKLOG = 2_000  # Plan.quick().backlog
+GRID_SCENARIOS = (
+    "grid-get-1",
+    "grid-put-1",
+    "grid-get-100",
+    "grid-put-100",
+    "grid-local-get",
+    "grid-put-all",
+)
+GRID_TARGETS = {
+    "grid_get100_vs_redis",
+    "grid_put100_vs_redis",
+    "grid_local_get_vs_redis",
+    "grid_put_all_vs_redis",
+}
+QUICK_PUT_ALL = 2_000  # Plan.quick().grid_put_all
 MACHINE_KEYS = {"platform", "cpu_model", "python", "uvloop", "date"}
 REPORT_KEYS = {"schema", "command", "options", "machine", "scenarios", "table", "targets"}
 
@@ -88,8 +105,8 @@ def test_quick_suite_measures_every_scenario_for_every_system(tmp_path: Path) ->
     bench = _bench()
     report = run_quick(bench, tmp_path, "--only", ",".join(SCENARIOS))
 
-    assert set(bench.SCENARIOS) == {*SCENARIOS, "backlog"}
-    assert set(bench.SYSTEMS) == {*SYSTEMS, *BACKLOG_BASELINES}
+    assert set(bench.SCENARIOS) == {*SCENARIOS, "backlog", *GRID_SCENARIOS}
+    assert set(bench.SYSTEMS) == {*SYSTEMS, *BACKLOG_BASELINES, "redis"}
     assert set(report["scenarios"]) == set(SCENARIOS)
     for scenario in SCENARIOS:
         systems = report["scenarios"][scenario]["systems"]
@@ -108,12 +125,12 @@ def test_quick_suite_measures_every_scenario_for_every_system(tmp_path: Path) ->
     assert len(report["table"]) == len(SCENARIOS) * len(SYSTEMS)
     messaging = {"one_way_vs_nats", "one_way_vs_raw", "req100_vs_nats", "req1_p50_vs_raw"}
     backlog = {"backlog_vs_mosquitto", "backlog_vs_jetstream"}
-    assert {t["name"] for t in report["targets"]} == messaging | backlog
+    assert {t["name"] for t in report["targets"]} == messaging | backlog | GRID_TARGETS
     for target in report["targets"]:
         if target["name"] in messaging:
             assert isinstance(target["met"], bool) and target["value"] > 0, target
         else:
-            assert target["met"] is None, target  # the backlog was not run
+            assert target["met"] is None, target  # the backlog and the grid were not run
 
 
 def test_quick_backlog_baselines_replay_everything(tmp_path: Path) -> None:
@@ -158,3 +175,87 @@ def test_quick_backlog_packetstack_replays_its_mailbox(tmp_path: Path) -> None:
     report = run_quick(bench, tmp_path, "--only", "backlog", "--systems", "packetstack")
 
     assert check_backlog(report, "packetstack")["lost"] == 0
+
+
+def check_grid(report: dict[str, Any], systems: tuple[str, ...]) -> None:
+    """Every grid scenario measured once for each of ``systems``, with latencies where
+    operations were timed one by one and the whole put_all stored."""
+    assert set(report["scenarios"]) == set(GRID_SCENARIOS)
+    assert report["options"]["only"] == list(GRID_SCENARIOS)
+    assert "--only grid" in report["command"]
+    for scenario in GRID_SCENARIOS:
+        entries = report["scenarios"][scenario]["systems"]
+        assert set(entries) == set(systems), scenario
+        for system in systems:
+            entry = entries[system]
+            assert entry["errors"] == 0, entry["runs"]
+            (run,) = entry["runs"]
+            assert run["rate"] > 0 and run["count"] > 0, (scenario, system, run)
+            if scenario == "grid-put-all":
+                assert run["count"] == QUICK_PUT_ALL, run
+            elif scenario != "grid-local-get":
+                assert run["p50_us"] > 0 and run["p99_us"] >= run["p50_us"], run
+            if system == "packetstack" and scenario != "grid-local-get":
+                assert run["holder_cpu_s"] is not None, run  # the holder process served it
+
+
+def test_quick_grid_packetstack_remote_and_owned(tmp_path: Path) -> None:
+    """PacketStack's side of the grid scenarios alone (no Redis needed): remote operations
+    through a service with a holder process, and gets of keys the client owns."""
+    bench = _bench()
+    report = run_quick(bench, tmp_path, "--only", "grid", "--systems", "packetstack")
+
+    check_grid(report, ("packetstack",))
+    assert all(t["met"] is None for t in report["targets"])  # nothing to compare with
+
+
+def require_redis_py() -> None:
+    """Skip (locally) or fail (under CI=true) when redis-py is not installed."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        message = "redis-py is not installed; pip install -e '.[test]' brings it"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+async def _redis_keys(prefixes: list[str]) -> list[bytes]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url("redis://127.0.0.1:6379", socket_timeout=5)
+    try:
+        return [
+            key
+            for prefix in prefixes
+            async for key in client.scan_iter(match=prefix + "*", count=10_000)
+        ]
+    finally:
+        await client.aclose()
+
+
+def test_quick_grid_against_redis(tmp_path: Path) -> None:
+    """Every grid scenario for PacketStack and redis-py; the ratios and targets are
+    computed, and the Redis keys the runs wrote are gone afterwards."""
+    require_server("Redis", "127.0.0.1", 6379)
+    require_redis_py()
+    bench = _bench()
+    report = run_quick(bench, tmp_path, "--only", "grid")
+
+    check_grid(report, ("packetstack", "redis"))
+    assert report["machine"]["redis_server"].startswith("redis-server")
+    rows = [r for r in report["table"] if r["scenario"] in GRID_SCENARIOS]
+    assert len(rows) == 2 * len(GRID_SCENARIOS)
+    for row in rows:
+        assert row["ratio_vs_redis"] > 0, row
+        if row["system"] == "redis":
+            assert row["ratio_vs_redis"] == 1.0
+    targets = {t["name"]: t for t in report["targets"]}
+    for name in GRID_TARGETS:
+        assert isinstance(targets[name]["met"], bool) and targets[name]["value"] > 0
+    prefixes = [
+        entry["systems"]["redis"]["runs"][0]["keyspace"]
+        for scenario, entry in report["scenarios"].items()
+    ]
+    assert all(p.startswith("bench:grid:") for p in prefixes) and len(set(prefixes)) == 6
+    assert asyncio.run(_redis_keys(prefixes)) == []  # each run deleted what it wrote

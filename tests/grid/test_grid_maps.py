@@ -246,9 +246,7 @@ async def test_map_permissions(make_service: Any, tmp_path: Any) -> None:
             await Client("h", service.url, token="w", holds_data=True).connect()
 
 
-async def test_values_larger_than_a_chunk_travel_in_chunks(
-    user: Client, service: Service
-) -> None:
+async def test_values_larger_than_a_chunk_travel_in_chunks(user: Client, service: Service) -> None:
     big = user.grid.map("big", bytes)
     value = bytes(range(256)) * (3 * service.config.chunk_size // 256 + 1)
     await big.put_all({"a": value, "b": value[::-1]})
@@ -286,5 +284,5 @@ async def test_a_journal_of_another_partition_count_refuses_to_start(
     async with Client("w", service.url) as writer:
         await writer.grid.map("m", int).put("k", 1)
     await service.close()
-    with pytest.raises(ConfigError, match="grid_partitions is 64, but .* written with 271"):
+    with pytest.raises(ConfigError, match=r"grid_partitions is 64, but .* written with 271"):
         await make_service(data_dir=data, grid_partitions=64)

@@ -489,6 +489,6 @@ async def test_listeners_and_the_partition_count_are_kept(tmp_path: Path) -> Non
     done = asyncio.Event()
     journal.write([put(3, b"k", "v")], done.set)
     await asyncio.wait_for(done.wait(), WAIT)
-    with pytest.raises(ConfigError, match="grid_partitions is 271, but .* written with 64"):
+    with pytest.raises(ConfigError, match=r"grid_partitions is 271, but .* written with 64"):
         await Journal(store).open(271)
     await store.close()
