@@ -78,13 +78,17 @@ def blocker(store: EmbeddedStore) -> threading.Event:
 
 
 def on_disk(path: Path) -> list[tuple[Any, ...]]:
-    """The committed rows, read through a connection of our own."""
-    db = sqlite3.connect(path)
+    """The committed entries, read through a connection of our own: ``grid`` with the
+    logged batches folded in (in a transaction rolled back, leaving the file as it was)."""
+    db = sqlite3.connect(path, isolation_level=None)
     try:
+        db.execute("BEGIN")
+        journal_module.fold(db)
         return db.execute(
             "SELECT part, map, key, value, expires FROM grid ORDER BY 1, 2, 3"
         ).fetchall()
     finally:
+        db.execute("ROLLBACK")
         db.close()
 
 
@@ -492,3 +496,33 @@ async def test_listeners_and_the_partition_count_are_kept(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"grid_partitions is 271, but .* written with 64"):
         await Journal(store).open(271)
     await store.close()
+
+
+async def test_the_log_is_folded_into_the_table_in_order(
+    store: EmbeddedStore, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "FOLD_AT", 3)
+    done = asyncio.Event()
+    journal.write([put(1, b"a", "1"), put(1, b"b", "2")], lambda: None)
+    journal.write([delete(1, b"a"), put(2, b"c", "3")], done.set)  # 4 effects: a fold
+    await asyncio.wait_for(done.wait(), WAIT)
+    await store.read(lambda db: None)  # after the fold
+    assert journal.folds == 1
+
+    def raw(db: sqlite3.Connection) -> tuple[int, list[tuple[Any, ...]]]:
+        logged = db.execute("SELECT count(*) FROM grid_log").fetchone()[0]
+        return logged, db.execute("SELECT part, key FROM grid ORDER BY 1, 2").fetchall()
+
+    assert await store.read(raw) == (0, [(1, b"b"), (2, b"c")])
+
+
+async def test_an_idle_log_is_folded(
+    store: EmbeddedStore, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "FOLD_IDLE", 0.05)
+    journal.write([put(1, b"a", "1")], lambda: None)
+    await asyncio.sleep(0.3)
+    assert journal.folds == 1
+    assert (
+        await store.read(lambda db: db.execute("SELECT count(*) FROM grid_log").fetchone()[0]) == 0
+    )

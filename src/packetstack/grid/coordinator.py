@@ -24,6 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
+from zlib import crc32
 
 import msgspec
 
@@ -33,8 +34,18 @@ from ..protocol import SERVICE_NAME, Flag, PacketHeader, Target
 from ..storage import EmbeddedStore
 from .journal import Journal, Row, partition_data
 from .messages import Backup, GridEvent, GridOps, GridOutcomes, Promote, Release, Take
-from .ops import READS, Change, Kind, Op, Outcome, PartitionData, apply, batches, effect
-from .partitions import partition_of, plan
+from .ops import (
+    Change,
+    Kind,
+    Op,
+    Outcome,
+    PartitionData,
+    apply,
+    batches,
+    effect,
+    op_size,
+)
+from .partitions import plan
 
 if TYPE_CHECKING:
     from ..transport import Link
@@ -44,7 +55,10 @@ log = logging.getLogger("packetstack.grid")
 MOVES_AT_ONCE = 16  # partitions migrating concurrently
 TAKE_CHUNK_BYTES = 256 * 1024  # entries per Take message, by size
 CONTROL_TIMEOUT = 30.0
-CLIENT_KINDS = frozenset(Kind) - {Kind.EXPIRE}
+CLIENT_KINDS = frozenset(int(kind) for kind in Kind if kind != Kind.EXPIRE)
+WHOLE_PARTITION = frozenset({int(Kind.SCAN), int(Kind.CLEAR), int(Kind.SIZE)})
+_NO_CHANGE = int(Change.NONE)
+_PUT = int(Kind.PUT)
 _REQUEST = int(Flag.REQUEST)
 _ENDING = int(Target.ENDING)
 _outcomes_decoder = msgspec.msgpack.Decoder(GridOutcomes)
@@ -167,6 +181,7 @@ class Coordinator:
         self._effects: list[Op] = []
         self._written: list[Unit] = []
         self._flush_due = False
+        self._pending_bytes = 0  # since the last flush: see submit()
         self._expiries: list[tuple[float, int, str, bytes]] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._rebalancer: asyncio.Task[None] | None = None
@@ -196,6 +211,7 @@ class Coordinator:
 
     async def close(self) -> None:
         self._flush()
+        self.journal.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._rebalancer is not None:
@@ -206,12 +222,14 @@ class Coordinator:
 
     # ------------------------------------------------------------ operations
 
-    def submit(self, ops: list[Op], finish: Finish) -> None:
+    def submit(self, ops: list[Op], finish: Finish, size: int) -> None:
         """Run ``ops`` (already checked and with absolute expiries); ``finish(outcomes)``
-        is called once every one is applied and, if it wrote, journaled."""
+        is called once every one is applied and, if it wrote, journaled. ``size``: at least
+        the bytes the ops take encoded (a request's payload size)."""
         if not ops:
             finish([])
             return
+        self._pending_bytes += size
         batch = Batch(len(ops), finish)
         order = self._order
         route = self._route
@@ -224,15 +242,16 @@ class Coordinator:
         """Check a client's ops and fix their partitions and expiries; the problem or None."""
         count = self.partition_count
         for op in ops:
-            if op.kind not in CLIENT_KINDS:
-                return f"unknown grid operation {op.kind}"
+            kind = op.kind
+            if kind not in CLIENT_KINDS:
+                return f"unknown grid operation {kind}"
             if not op.map:
                 return "a grid map needs a non-empty name"
-            if op.kind in (Kind.SCAN, Kind.CLEAR, Kind.SIZE):
+            if kind in WHOLE_PARTITION:
                 if not 0 <= op.part < count:
                     return f"partition {op.part} does not exist (the grid has {count})"
             else:
-                op.part = partition_of(op.key, count)
+                op.part = crc32(op.key) % count  # partition_of, inlined: once per op
             if op.expires:
                 if not op.expires > 0:
                     return f"ttl must be positive, not {op.expires}"
@@ -257,11 +276,14 @@ class Coordinator:
             queue.append(unit)
 
     def _applied(self, unit: Unit, outcome: Outcome) -> None:
+        """An op's outcome: a read is done; a write goes to the backups and the journal
+        (the caller schedules the flush)."""
         op = unit.op
-        if op.kind in READS or outcome.change == Change.NONE:
+        if outcome.change == _NO_CHANGE:  # reads too
             self._complete(unit, outcome)
             return
-        change = effect(op, outcome)
+        # A put's change is the put itself (with the expiry it was given).
+        change = op if op.kind == _PUT else effect(op, outcome)
         if change is None:
             self._complete(unit, outcome)
             return
@@ -282,7 +304,6 @@ class Coordinator:
         listeners = self.listeners.get(op.map)
         if listeners:
             self._notify(listeners, op, outcome.change, change.value, outcome.count)
-        self._schedule_flush()
 
     def _complete(self, unit: Unit, outcome: Outcome) -> None:
         batch = unit.batch
@@ -307,16 +328,19 @@ class Coordinator:
         """Once per loop iteration: one GridOps per owner, one Backup per backup holder,
         one journal write for everything that changed."""
         self._flush_due = False
+        # Everything routed since the last flush fits one message: no need to measure ops.
+        whole = self._pending_bytes <= self.budget
+        self._pending_bytes = 0
         if self._to_owners:
             to_owners, self._to_owners = self._to_owners, {}
             for holder, units in to_owners.items():
-                for run in batches(units, _op_of, self.budget):
+                for run in [units] if whole else batches(units, _op_of, self.budget):
                     request_id = self.host.send_to(holder, GridOps([u.op for u in run]), True)
                     holder.sent[request_id] = run
         if self._to_backups:
             to_backups, self._to_backups = self._to_backups, {}
             for holder, effects in to_backups.items():
-                for ops in batches(effects, _same, self.budget):
+                for ops in [effects] if whole else batches(effects, _same, self.budget):
                     self.host.send_to(holder, Backup(ops), False)
         if self._effects:
             effects, self._effects = self._effects, []
@@ -344,6 +368,7 @@ class Coordinator:
             if part.inflight == 0 and part.settled is not None:
                 part.settled.set_result(None)
                 part.settled = None
+        self._schedule_flush()
 
     # --------------------------------------------------------------- events
 
@@ -403,7 +428,7 @@ class Coordinator:
             due.append(Op(map_name, part, Kind.EXPIRE, key, None, None, expires))
         if due:
             self.stats["grid_expired_checks"] += len(due)
-            self.submit(due, _ignore)
+            self.submit(due, _ignore, sum(op_size(op) for op in due))
         self._arm_sweeper()
 
     # ------------------------------------------------------------- holders
@@ -609,7 +634,9 @@ class Coordinator:
     def _drain(self, part: Partition) -> None:
         waiting = part.waiting
         while waiting and not part.paused:
-            self._route(waiting.popleft())
+            unit = waiting.popleft()
+            self._pending_bytes += op_size(unit.op)  # counted when it came, in an old flush
+            self._route(unit)
         self._schedule_flush()
 
     async def _load(self, index: int) -> list[Row]:

@@ -26,7 +26,7 @@ from ..grid.messages import (
     Listen,
     send_outcomes,
 )
-from ..grid.ops import READS, REPEATABLE, Op, Outcome, PartitionData
+from ..grid.ops import READS, REPEATABLE, Op, Outcome, PartitionData, op_size
 from ..protocol import SERVICE_NAME, Flag, PacketHeader, PacketReceived
 from ..storage import EmbeddedStore
 from .auth import ANYTHING, Principal
@@ -131,7 +131,7 @@ class ServiceGrid(GridFront):
                 return  # gone: its request fails; what it wrote is written
             send_outcomes(requester.link, self._service._reply, header, outcomes)
 
-        self.coordinator.submit(ops, finish)
+        self.coordinator.submit(ops, finish, len(event.payload))
 
     def _refuse(self, session: Session, header: PacketHeader, exc: Exception) -> None:
         code = ErrorCode.PERMISSION_DENIED if isinstance(exc, PermissionDenied) else ErrorCode.GRID
@@ -226,7 +226,7 @@ class ServiceGrid(GridFront):
             if not future.done():
                 future.set_result(outcomes)
 
-        self.coordinator.submit(ops, finish)
+        self.coordinator.submit(ops, finish, sum(op_size(op) for op in ops))
         return await future
 
     async def listen(self, map_name: str, on: bool) -> None:
