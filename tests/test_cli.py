@@ -86,6 +86,9 @@ def test_demo_runs_to_completion(tmp_path: Path) -> None:
     assert "demo finished" in result.stdout
     assert "bob   <- alice: 'hello, bob'" in result.stdout
     assert "got 42 from bob" in result.stdout
+    assert "carol <- alice (waited for carol to connect)" in result.stdout
+    assert "dave holds 271 partitions and reads Score(player='alice', points=10)" in result.stdout
+    assert "5 concurrent increments made 5" in result.stdout
     assert "Traceback" not in result.stderr
 
 

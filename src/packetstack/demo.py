@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+import msgspec
 
 from .client import Client
 from .codec import Packet
@@ -67,7 +68,34 @@ async def _talk(url: str, token: str | None) -> None:
         click.echo(f"alice asked bob 20 + 22 and got {answer.total} from {answer.answered_by}")
         await asyncio.wait_for(done.wait(), 5)
         await _offline_delivery(alice, url, token)
-    click.echo("demo finished: 3 packets delivered, 1 request answered")
+        await _grid(alice, url, token)
+    click.echo("demo finished: 3 packets delivered, 1 request answered, 1 map shared")
+
+
+class Score(msgspec.Struct):
+    player: str
+    points: int
+
+
+async def _grid(alice: Client, url: str, token: str | None) -> None:
+    """A map whose entries live on a holding ending, journaled by the service."""
+    async with Client("dave", url, token=token, holds_data=True) as dave:
+        scores = alice.grid.map("scores", Score)
+        await scores.put("alice", Score("alice", 10))
+        await scores.put("bob", Score("bob", 7))
+        hits = alice.grid.map("hits", int)
+        await asyncio.gather(*(hits.increment("demo") for _ in range(5)))
+        mine = dave.grid.map("scores", Score)
+        holding = dave.grid.holding
+        assert holding is not None
+        for _ in range(100):  # the service hands its partitions over to dave
+            if len(holding.owned) == dave.grid.partitions:
+                break
+            await asyncio.sleep(0.05)
+        click.echo(
+            f"grid: dave holds {len(holding.owned)} partitions and reads {await mine.get('alice')} "
+            f"in-process; 5 concurrent increments made {await hits.get('demo')}"
+        )
 
 
 async def _offline_delivery(alice: Client, url: str, token: str | None) -> None:

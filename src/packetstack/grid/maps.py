@@ -13,7 +13,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import msgspec
 
@@ -86,6 +86,14 @@ class GridFront:
         """Subscribe this ending to the map's entry events (or stop)."""
         raise NotImplementedError
 
+    @overload
+    def map(self, name: str, value_type: type[V], *, near_cache: bool = False) -> Map[Any, V]: ...
+
+    @overload
+    def map(
+        self, name: str, value_type: type[V], key_type: type[K], *, near_cache: bool = False
+    ) -> Map[K, V]: ...
+
     def map(
         self,
         name: str,
@@ -93,7 +101,7 @@ class GridFront:
         key_type: type[K] | Any = Any,
         *,
         near_cache: bool = False,
-    ) -> Map[K, V]:
+    ) -> Map[Any, Any]:
         """A typed view of the grid map ``name``: values of ``value_type``, keys decoded as
         ``key_type`` by keys() and items() (default: as msgpack gives them back)."""
         return Map(self, name, value_type, key_type, near_cache=near_cache)
