@@ -4,6 +4,8 @@ service as the owner and with a holding client as the owner, and the service's o
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import uuid
 from typing import Any
 
@@ -286,3 +288,42 @@ async def test_a_journal_of_another_partition_count_refuses_to_start(
     await service.close()
     with pytest.raises(ConfigError, match=r"grid_partitions is 64, but .* written with 271"):
         await make_service(data_dir=data, grid_partitions=64)
+
+
+async def test_random_grid_requests_get_answers_or_grid_errors(
+    user: Client, service: Service
+) -> None:
+    """Hostile input: ops of every kind with random fields. Each request is answered (with
+    outcomes or a GridError); the connection, the grid and its journal keep serving."""
+    holders = service.grid.coordinator.snapshot()["holders"]
+    rng = random.Random(4)
+    values: list[bytes | None] = [None, b"", b"\xc1", encode(1), encode("x"), os.urandom(40)]
+    floats = [0.0, -1.0, 1e-9, 0.5, float("nan"), float("inf"), 1e300]
+    answered = refused = 0
+    for _ in range(300):
+        ops = [
+            Op(
+                rng.choice(["m", "", "x" * 300, "évé"]),
+                rng.choice([0, -1, 5, 270, 271, 2**40]),
+                rng.choice([*range(13), 99, -3]),
+                rng.choice([b"", b"k", os.urandom(rng.randrange(1, 64))]),
+                rng.choice(values),
+                rng.choice(values),
+                rng.choice(floats),
+                rng.choice([0, 1, -(2**63), 2**63 - 1]),
+            )
+            for _ in range(rng.randrange(1, 3))
+        ]
+        try:
+            reply = await user.request("service", GridOps(ops), timeout=10)
+            assert len(reply.outcomes) == len(ops)
+            answered += 1
+        except GridError:
+            refused += 1
+    assert answered > 10 and refused > 10
+    assert user.connected and user.reconnects == 0
+    m = user.grid.map("after", int)
+    await m.put("k", 1)
+    assert await m.get("k") == 1
+    assert service.grid.coordinator.snapshot()["paused"] == 0
+    assert service.grid.coordinator.snapshot()["holders"] == holders  # none was expelled

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("packetstack.grid")
 
+MAX_TTL = 10 * 365 * 86400.0  # seconds; keeps expiry times within what timers can hold
 MOVES_AT_ONCE = 16  # partitions migrating concurrently
 TAKE_CHUNK_BYTES = 256 * 1024  # entries per Take message, by size
 CONTROL_TIMEOUT = 30.0
@@ -253,8 +254,8 @@ class Coordinator:
             else:
                 op.part = crc32(op.key) % count  # partition_of, inlined: once per op
             if op.expires:
-                if not op.expires > 0:
-                    return f"ttl must be positive, not {op.expires}"
+                if not 0 < op.expires <= MAX_TTL:  # NaN fails too
+                    return f"ttl must be positive and at most {MAX_TTL:.0f} s, not {op.expires}"
                 op.expires += now
         return None
 
