@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Literal
@@ -32,10 +31,12 @@ from ..storage import EmbeddedStore
 from .auth import ANYTHING, Principal
 
 if TYPE_CHECKING:
+    from ..transport import Link
     from .service import Service
     from .session import Session
 
 REMEMBERED = 4096
+GRID_CONGESTION = "grid congestion"  # why a client's connection is not read
 _RESENT = int(Flag.RESENT)
 OPS_TAG = GridOps.packet_tag
 OUTCOMES_TAG = GridOutcomes.packet_tag
@@ -54,7 +55,8 @@ class ServiceGrid(GridFront):
         self.coordinator = Coordinator(
             self, store, cfg.grid_partitions, cfg.grid_backups, cfg.max_payload
         )
-        self._ids = itertools.count(1)
+        self._congested: set[Holder] = set()  # holders whose connection is over high water
+        self._held: set[Link] = set()  # clients not read meanwhile
         # Answers to requests that must not run twice, by ending and request id.
         self._answers: dict[str, OrderedDict[int, list[Outcome] | None]] = {}
         self._install()
@@ -132,6 +134,9 @@ class ServiceGrid(GridFront):
             send_outcomes(requester.link, self._service._reply, header, outcomes)
 
         self.coordinator.submit(ops, finish, len(event.payload))
+        if self._congested and session.holder is None:  # a holder must go on reading outcomes
+            session.link.hold_reading(True, GRID_CONGESTION)
+            self._held.add(session.link)
 
     def _refuse(self, session: Session, header: PacketHeader, exc: Exception) -> None:
         code = ErrorCode.PERMISSION_DENIED if isinstance(exc, PermissionDenied) else ErrorCode.GRID
@@ -171,9 +176,29 @@ class ServiceGrid(GridFront):
     def send_to(self, holder: Holder, packet: Packet, request: bool) -> int:
         packet_id = next(self._service._ids)
         header = request_header(packet_id, holder.name, packet, request)
-        with contextlib.suppress(ConnectionClosed):  # its loss is handled: its part goes elsewhere
-            holder.link.write_packet(header, packet)
+        try:
+            writable = holder.link.write_packet(header, packet)
+        except ConnectionClosed:
+            return packet_id  # its loss is handled: its part goes elsewhere
+        if not writable and holder not in self._congested:
+            self._congested.add(holder)
+            task = asyncio.get_running_loop().create_task(self._until_drained(holder))
+            self._service._background.add(task)
+            task.add_done_callback(self._service._background.discard)
         return packet_id
+
+    async def _until_drained(self, holder: Holder) -> None:
+        """A holder that reads more slowly than the grid writes to it (its backups above
+        all, which nothing else waits for) holds back the clients' grid requests until it
+        has caught up: the service's buffer for it stays bounded."""
+        self.stats["grid_congestion"] += 1
+        with contextlib.suppress(ConnectionClosed):
+            await holder.link.drain()
+        self._congested.discard(holder)
+        if not self._congested:
+            held, self._held = self._held, set()
+            for link in held:
+                link.hold_reading(False, GRID_CONGESTION)
 
     async def request_from(self, holder: Holder, packet: Packet, timeout: float) -> object:
         packet_id = next(self._service._ids)
