@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from .service import Service
     from .session import Session
 
-REMEMBERED = 4096
+REMEMBERED = 4096  # answers kept per ending (of requests that must not run twice)
+REMEMBERED_ENDINGS = 10_000  # endings whose answers are kept
 GRID_CONGESTION = "grid congestion"  # why a client's connection is not read
 _RESENT = int(Flag.RESENT)
 OPS_TAG = GridOps.packet_tag
@@ -120,6 +121,8 @@ class ServiceGrid(GridFront):
         once = not all(op.kind in REPEATABLE for op in ops)
         if once:
             if remembered is None:
+                if len(self._answers) >= REMEMBERED_ENDINGS:
+                    del self._answers[next(iter(self._answers))]  # the longest-known name
                 remembered = self._answers[name] = OrderedDict()
             remembered[header.id] = None
             if len(remembered) > REMEMBERED:
