@@ -318,6 +318,39 @@ async def produce(
 # ------------------------------------------------------------------- request loops
 
 
+async def drive_key_ops(
+    get: Callable[[str], Awaitable[Any]],
+    put: Callable[[str, int], Awaitable[Any]],
+    keys: list[str],
+    op: str,
+    plan: Plan,
+    outstanding: int,
+) -> dict[str, Any]:
+    """``get`` (each must find its preloaded key) or ``put`` of ``keys`` in turn, with
+    ``outstanding`` tasks: the grid scenarios' driver, the same for every system."""
+    total = plan.grid_ops1 if outstanding == 1 else plan.grid_ops100
+    count = len(keys)
+    turn = [0]
+
+    if op == "get":
+
+        async def request() -> None:
+            i = turn[0]
+            turn[0] = i + 1
+            if await get(keys[i % count]) is None:
+                raise RuntimeError(f"the preloaded key {keys[i % count]!r} is gone")
+
+    else:
+
+        async def request() -> None:
+            i = turn[0]
+            turn[0] = i + 1
+            await put(keys[i % count], i)
+
+    await drive_requests(request, plan.grid_warmup, outstanding, 60)
+    return await drive_requests(request, total, outstanding, plan.grid_timebox)
+
+
 async def drive_requests(
     request: Callable[[], Awaitable[Any]], total: int, outstanding: int, timebox: float
 ) -> dict[str, Any]:

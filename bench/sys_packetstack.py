@@ -24,6 +24,7 @@ from .common import (
     Plan,
     Receipts,
     backlog_result,
+    drive_key_ops,
     drive_loop,
     drive_requests,
     one_way_result,
@@ -193,31 +194,10 @@ async def grid_remote(url: str, plan: Plan, op: str, outstanding: int) -> dict[s
     """``get`` or ``put`` of preloaded keys by a client that holds no data, with
     ``outstanding`` tasks: every operation goes to the service and on to the holder that
     owns the key's partition (url: a service with a holder process, see GridHub)."""
-    total = plan.grid_ops1 if outstanding == 1 else plan.grid_ops100
     async with _grid_map(url, holds_data=False) as (_, grid_map):
         keys = [f"k{i}" for i in range(plan.grid_keys)]
         await _preload(grid_map, keys)
-        count = len(keys)
-        turn = [0]
-        get, put = grid_map.get, grid_map.put
-
-        if op == "get":
-
-            async def request() -> None:
-                i = turn[0]
-                turn[0] = i + 1
-                if await get(keys[i % count]) is None:
-                    raise RuntimeError(f"the grid lost the preloaded key {keys[i % count]!r}")
-
-        else:
-
-            async def request() -> None:
-                i = turn[0]
-                turn[0] = i + 1
-                await put(keys[i % count], i)
-
-        await drive_requests(request, plan.grid_warmup, outstanding, 60)
-        return await drive_requests(request, total, outstanding, plan.grid_timebox)
+        return await drive_key_ops(grid_map.get, grid_map.put, keys, op, plan, outstanding)
 
 
 async def grid_local_get(url: str, plan: Plan, timeout: float = 30.0) -> dict[str, Any]:

@@ -17,7 +17,7 @@ try:
 except ImportError:  # the suite reports redis as unavailable: pip install -e '.[bench]'
     aioredis = None
 
-from .common import REQUEST_TIMEOUT, CpuMeter, Plan, drive_loop, drive_requests, perf_counter
+from .common import REQUEST_TIMEOUT, CpuMeter, Plan, drive_key_ops, drive_loop, perf_counter
 
 REDIS_URL = "redis://127.0.0.1:6379"
 POOL_SIZE = 100  # connections for the 100-outstanding scenarios: one per task
@@ -79,31 +79,10 @@ async def server_version(url: str = REDIS_URL) -> str:
 
 async def remote(url: str, plan: Plan, op: str, outstanding: int) -> dict[str, Any]:
     """GET or SET of preloaded keys with ``outstanding`` tasks sharing the pool."""
-    total = plan.grid_ops1 if outstanding == 1 else plan.grid_ops100
     async with _redis(url) as (client, prefix):
         keys = [f"{prefix}{i}" for i in range(plan.grid_keys)]
         await _preload(client, keys)
-        count = len(keys)
-        turn = [0]
-        get, set_ = client.get, client.set
-
-        if op == "get":
-
-            async def request() -> None:
-                i = turn[0]
-                turn[0] = i + 1
-                if await get(keys[i % count]) is None:
-                    raise RuntimeError(f"redis lost the preloaded key {keys[i % count]!r}")
-
-        else:
-
-            async def request() -> None:
-                i = turn[0]
-                turn[0] = i + 1
-                await set_(keys[i % count], i)
-
-        await drive_requests(request, plan.grid_warmup, outstanding, 60)
-        result = await drive_requests(request, total, outstanding, plan.grid_timebox)
+        result = await drive_key_ops(client.get, client.set, keys, op, plan, outstanding)
         return {**result, "keyspace": prefix}
 
 
