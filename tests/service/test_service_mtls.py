@@ -163,8 +163,9 @@ async def test_required_client_certificates_refuse_a_client_without_one(
     settings = pki.settings(tls_client_cert_required=True)
     service = await make_service(principals=[WORKERS, BOSS], **settings)
     client = pki.client("boss", service.url, None, token="boss-secret", connect_timeout=1.0)
-    with pytest.raises(ConnectionFailed):
+    with pytest.raises(ConnectionFailed) as refused:
         await client.connect()
+    assert "give certfile=" in str(refused.value)
     await client.close()
     assert "boss" not in service.endings
     async with pki.client("worker-1", service.url, pki.worker) as worker:

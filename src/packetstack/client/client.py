@@ -61,6 +61,13 @@ RECENT_ACKED = 65_536
 # Seconds an acknowledgement of handled deliveries may wait to share its frame with later ones.
 ACK_DELAY = 0.002
 
+# TLS 1.3 finishes the client's side of the handshake before the service checks for a
+# certificate: one that requires them just closes the connection.
+_NO_CERTIFICATE = (
+    " (a service with tls_client_cert_required closes TLS connections without a client "
+    "certificate like this: give certfile=)"
+)
+
 # Close codes after which reconnecting cannot help.
 _FINAL = {
     CloseCode.AUTH_FAILED,
@@ -117,6 +124,7 @@ class Client(Peer):
         if self.endpoint.tls and ssl_context is None:
             ssl_context = client_ssl_context(cafile, certfile, keyfile)
         self._ssl = ssl_context
+        self._certificate = certfile is not None or ssl_context is not None
         self._token = token
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
@@ -505,7 +513,10 @@ class Client(Peer):
         handshake = self._handshake
         if handshake is not None and not handshake.done():
             handshake.set_exception(
-                ConnectionFailed(f"connection lost during handshake: {error or 'closed'}")
+                ConnectionFailed(
+                    f"connection lost during handshake: {error or 'closed'}"
+                    + (_NO_CERTIFICATE if self.endpoint.tls and not self._certificate else "")
+                )
             )
         if link is not self._link:
             return
