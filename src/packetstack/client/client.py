@@ -121,10 +121,11 @@ class Client(Peer):
             raise ConfigError("give either ssl_context or certfile/keyfile, not both")
         if keyfile is not None and certfile is None:
             raise ConfigError("keyfile needs certfile: the client certificate it belongs to")
+        # Whether a client certificate may be offered (a caller's context may hold one).
+        self._certificate = certfile is not None or ssl_context is not None
         if self.endpoint.tls and ssl_context is None:
             ssl_context = client_ssl_context(cafile, certfile, keyfile)
         self._ssl = ssl_context
-        self._certificate = certfile is not None or ssl_context is not None
         self._token = token
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
