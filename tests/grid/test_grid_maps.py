@@ -16,7 +16,7 @@ from support import eventually
 from packetstack import Client, ConfigError, GridError, PermissionDenied, Principal, Service
 from packetstack.codec import encode
 from packetstack.grid import EntryEvent
-from packetstack.grid.messages import GridOps
+from packetstack.grid.messages import GridEvent, GridOps
 from packetstack.grid.ops import Op
 
 
@@ -327,3 +327,16 @@ async def test_random_grid_requests_get_answers_or_grid_errors(
     assert await m.get("k") == 1
     assert service.grid.coordinator.snapshot()["paused"] == 0
     assert service.grid.coordinator.snapshot()["holders"] == holders  # none was expelled
+
+
+async def test_entry_events_from_anyone_but_the_service_are_refused(
+    user: Client, make_client: Any
+) -> None:
+    forger = await make_client("forger")
+    seen: list[Any] = []
+    await user.grid.map("m", int).listen(seen.append)
+    with pytest.raises(PermissionDenied, match="entry events come from the service"):
+        await forger.request(user.name, GridEvent("m", 1, encode("k"), encode(1)))
+    await user.grid.map("m", int).put("real", 1)
+    await eventually(lambda: len(seen) == 1)
+    assert seen[0].key == "real"

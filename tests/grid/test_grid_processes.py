@@ -450,3 +450,283 @@ async def test_owner_and_backup_killed_together_are_rebuilt_from_the_journal(
     await read_all(numbers, expected, f"{c.name} alone")
     stats = (await tester.request("service", Status(), timeout=10)).snapshot["stats"]
     assert stats.get("grid_rebuilds", 0) > 0, stats  # the journal path was taken
+
+
+# ------------------------------------------- kill -9 in the middle of a migration
+# Hazelcast's "writes lost when a member crashes during migration": a member killed while
+# partitions move to it or away from it, or the service killed meanwhile. Puts of new keys
+# and increments of a few counters go on throughout; every put that returned reads back,
+# every counter counts each increment that returned (and at most those that raised too).
+
+COUNTERS = [f"c{i}" for i in range(4)]
+MIGRATING_ENTRIES = 20_000
+# Partitions the newcomer owns when the kill comes (of the ~135 it gets beside one other
+# holder); 0: it is still being given its backups.
+KILL_POINTS = (0, 1, 40, 100, 120)
+
+
+class Incrementer:
+    """``increment()``s of COUNTERS from ``tasks`` concurrent tasks until stopped; counts,
+    per counter, the increments that returned and the ones that raised (applied or not)."""
+
+    def __init__(self, numbers: Map[str, int], tasks: int = 4) -> None:
+        self.numbers = numbers
+        self.returned: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.raised: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.errors: list[str] = []
+        self._stop = False
+        self._tasks = [asyncio.create_task(self._increment(random.Random(i))) for i in range(tasks)]
+
+    async def _increment(self, rng: random.Random) -> None:
+        while not self._stop:
+            key = rng.choice(COUNTERS)
+            try:
+                await asyncio.wait_for(self.numbers.increment(key), 10)
+            except Exception as exc:
+                self.raised[key] += 1
+                self.errors.append(repr(exc))
+                await asyncio.sleep(0.01)
+            else:
+                self.returned[key] += 1
+
+    async def stop(self) -> None:
+        self._stop = True
+        await asyncio.wait_for(asyncio.gather(*self._tasks), 15)
+
+
+async def check_counters(numbers: Map[str, int], incrementer: Incrementer, what: str) -> None:
+    """Each counter is at least the increments that returned, at most those plus the ones
+    that raised."""
+    got = await asyncio.wait_for(numbers.get_all(COUNTERS), 30)
+    wrong = [
+        (key, got.get(key), incrementer.returned[key], incrementer.raised[key])
+        for key in COUNTERS
+        if not (
+            incrementer.returned[key]
+            <= got.get(key, 0)
+            <= incrementer.returned[key] + incrementer.raised[key]
+        )
+    ]
+    assert not wrong, f"{what}: counters off (key, value, returned, raised): {wrong}"
+
+
+class Load:
+    """A Writer and an Incrementer together."""
+
+    def __init__(self, numbers: Map[str, int]) -> None:
+        self.numbers = numbers
+        self.writer = Writer(numbers, tasks=3)
+        self.incrementer = Incrementer(numbers, tasks=3)
+
+    def done(self) -> int:
+        return len(self.writer.returned) + sum(self.incrementer.returned.values())
+
+    async def goes_on(self, count: int, what: str) -> None:
+        """Until ``count`` more operations returned."""
+        start = self.done()
+        await wait_until(lambda: self.done() >= start + count, 20, f"{count} writes {what}")
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.writer.stop(), self.incrementer.stop())
+
+    def summary(self) -> str:
+        inc = self.incrementer
+        return (
+            f"{len(self.writer.returned)} puts returned, {len(self.writer.raised)} raised; "
+            f"increments returned {inc.returned}, raised {inc.raised}"
+        )
+
+
+async def check_everything(
+    numbers: Map[str, int], load: Load, expected: dict[str, int], what: str
+) -> None:
+    await read_all(numbers, load.writer.returned, f"{what}: puts that returned")
+    await check_counters(numbers, load.incrementer, what)
+    await read_all(numbers, expected, f"{what}: the original entries")
+
+
+async def kill_midway(
+    tester: Client, newcomer: str, at_least: int, kill: Callable[[], None]
+) -> dict[str, Any] | None:
+    """Poll ``$status`` until ``newcomer`` owns ``at_least`` partitions (and at most 200)
+    while partitions are still moving, then ``kill()``: the last snapshot before it. None
+    if the migration ended before that was seen (nothing is killed then)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        grid = await grid_status(tester)
+        owned = owned_by(grid).get(newcomer, 0)
+        if grid["paused"] and at_least <= owned <= 200:
+            kill()
+            return grid
+        if owned and not grid["paused"] and not grid["waiting"] and not grid["service_owned"]:
+            return None  # settled before: too fast to catch
+        if loop.time() > deadline:
+            pytest.fail(f"{newcomer} never owned {at_least}-200 partitions midway: {grid}")
+        await asyncio.sleep(0.005)
+
+
+async def takeover_killed(
+    tmp_path: Path,
+    service: ServiceProcess,
+    tester: Client,
+    processes: list[subprocess.Popen[bytes]],
+    before: list[str],
+    name: str,
+    at_least: int,
+    victim: Callable[[HolderProcess], Callable[[], None]],
+) -> tuple[HolderProcess, dict[str, Any]]:
+    """With the grid settled on the holders ``before``, start holder ``name`` and, while
+    partitions move to it, call the kill that ``victim(newcomer)`` gives once it owns
+    ``at_least`` of them. The migration may end before a poll sees it at that point: the
+    newcomer is killed then, and the next one tries (three at most)."""
+    for attempt in range(3):
+        newcomer = await spawn_holder(tmp_path, service.url, processes, f"{name}-{attempt}")
+        grid = await kill_midway(tester, newcomer.name, at_least, victim(newcomer))
+        if grid is not None:
+            return newcomer, grid
+        print(f"{newcomer.name}: the migration ended before {at_least} were seen; again")
+        newcomer.kill9()
+        await wait_for_grid(tester, settled_on(*before), 30, f"{newcomer.name} gone")
+    pytest.fail(f"three migrations ended before {name} was seen owning {at_least} partitions")
+
+
+async def test_writes_survive_kill9_of_the_holder_partitions_are_migrating_to(
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    grid_service: ServiceProcess,
+    tester: Client,
+) -> None:
+    """One holder owns everything (20,000 entries); puts and increments go on throughout.
+    A second holder starts and is kill -9'd while partitions move to it, five times, at
+    different points of its takeover (KILL_POINTS): the first holder ends up owning all
+    again, and no write that returned is lost."""
+    started = time.monotonic()
+    a = await spawn_holder(tmp_path, grid_service.url, processes, "holder-a")
+    numbers: Map[str, int] = tester.grid.map(MAP, int, str)
+    expected = numbered(MIGRATING_ENTRIES)
+    await put_all(numbers, expected)
+    await wait_for_grid(tester, settled_on(a.name), 30, f"{a.name} to own all")
+
+    killed: list[tuple[str, int, int]] = []  # (newcomer, partitions owned, paused)
+    load = Load(numbers)
+    try:
+        await load.goes_on(200, "before the first newcomer")
+        for n, at_least in enumerate(KILL_POINTS):
+            newcomer, grid = await takeover_killed(
+                tmp_path,
+                grid_service,
+                tester,
+                processes,
+                [a.name],
+                f"newcomer{n}",
+                at_least,
+                lambda holder: holder.kill9,
+            )
+            killed.append((newcomer.name, owned_by(grid)[newcomer.name], grid["paused"]))
+            await wait_for_grid(tester, settled_on(a.name), 30, f"{a.name} to own all again")
+            await load.goes_on(200, f"after the kill of {newcomer.name}")
+    finally:
+        await load.stop()
+    print(f"killed midway (name, owned, paused): {killed}; {load.summary()}")
+    await check_everything(numbers, load, expected, "newcomers killed midway")
+    assert a.proc.poll() is None
+    print(f"{time.monotonic() - started:.1f} s")
+
+
+async def test_writes_survive_kill9_of_the_holder_partitions_are_migrating_from(
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    grid_service: ServiceProcess,
+    tester: Client,
+) -> None:
+    """One holder owns everything (20,000 entries); puts and increments go on throughout.
+    A second holder starts, and the first is kill -9'd while partitions move away from
+    it: the second ends up owning all, and no write that returned is lost. Five times,
+    the survivor the old owner of the next, killed at different points (KILL_POINTS)."""
+    started = time.monotonic()
+    old = await spawn_holder(tmp_path, grid_service.url, processes, "holder-a")
+    numbers: Map[str, int] = tester.grid.map(MAP, int, str)
+    expected = numbered(MIGRATING_ENTRIES)
+    await put_all(numbers, expected)
+    await wait_for_grid(tester, settled_on(old.name), 30, f"{old.name} to own all")
+
+    killed: list[tuple[str, int, int]] = []  # (old owner, partitions the newcomer owned, paused)
+    load = Load(numbers)
+    try:
+        await load.goes_on(200, "before the first newcomer")
+        for n, at_least in enumerate(KILL_POINTS):
+            newcomer, grid = await takeover_killed(
+                tmp_path,
+                grid_service,
+                tester,
+                processes,
+                [old.name],
+                f"newcomer{n}",
+                at_least,
+                lambda _, victim=old: victim.kill9,
+            )
+            killed.append((old.name, owned_by(grid)[newcomer.name], grid["paused"]))
+            await wait_for_grid(tester, settled_on(newcomer.name), 30, f"{newcomer.name} alone")
+            await load.goes_on(200, f"after the kill of {old.name}")
+            old = newcomer
+    finally:
+        await load.stop()
+    print(f"killed midway (name, newcomer owned, paused): {killed}; {load.summary()}")
+    await check_everything(numbers, load, expected, "old owners killed midway")
+    assert old.proc.poll() is None
+    stats = (await tester.request("service", Status(), timeout=10)).snapshot["stats"]
+    print({k: v for k, v in stats.items() if k.startswith("grid_")})
+    print(f"{time.monotonic() - started:.1f} s")
+
+
+async def test_writes_survive_kill9_of_the_service_mid_migration(
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    grid_service: ServiceProcess,
+    tester: Client,
+) -> None:
+    """One holder owns everything (20,000 entries); puts and increments go on throughout.
+    A second holder starts and the service is kill -9'd while partitions move to it, then
+    restarted on its data directory: the holders come back by themselves, the grid
+    settles on them, and no write that returned is lost. Four times, a holder more each
+    time, killed at different points (the newcomer still taking its backups, then owning
+    1, 40, 45 partitions: of 135, 90, 67, 54)."""
+    service = grid_service
+    started = time.monotonic()
+    holders = [await spawn_holder(tmp_path, service.url, processes, "holder-a")]
+    numbers: Map[str, int] = tester.grid.map(MAP, int, str)
+    expected = numbered(MIGRATING_ENTRIES)
+    await put_all(numbers, expected)
+    await wait_for_grid(tester, settled_on("holder-a"), 30, "holder-a to own all")
+
+    killed: list[tuple[str, int, int]] = []  # (newcomer, partitions owned, paused)
+    load = Load(numbers)
+    try:
+        await load.goes_on(200, "before the first newcomer")
+        for n, at_least in enumerate((0, 1, 40, 45)):
+            names = [h.name for h in holders]
+            newcomer, grid = await takeover_killed(
+                tmp_path,
+                service,
+                tester,
+                processes,
+                names,
+                f"newcomer{n}",
+                at_least,
+                lambda _: service.kill9,
+            )
+            killed.append((newcomer.name, owned_by(grid)[newcomer.name], grid["paused"]))
+            holders.append(newcomer)
+            await start(service, processes)
+            await tester.wait_connected(30)
+            names = [h.name for h in holders]
+            await wait_for_grid(tester, settled_on(*names), 30, f"{names} back, owning all")
+            await load.goes_on(200, f"after restart {n + 1}")
+    finally:
+        await load.stop()
+    print(f"service killed midway (newcomer, owned, paused): {killed}; {load.summary()}")
+    print("errors:", sorted(set(load.incrementer.errors))[:5], load.writer.raised[:3])
+    await check_everything(numbers, load, expected, "the service killed midway")
+    assert all(h.proc.poll() is None for h in holders)
+    print(f"{time.monotonic() - started:.1f} s")
