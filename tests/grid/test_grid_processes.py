@@ -462,7 +462,7 @@ COUNTERS = [f"c{i}" for i in range(4)]
 MIGRATING_ENTRIES = 20_000
 # Partitions the newcomer owns when the kill comes (of the ~135 it gets beside one other
 # holder); 0: it is still being given its backups.
-KILL_POINTS = (0, 1, 40, 100, 120)
+KILL_POINTS = (0, 1, 40, 80, 110)
 
 
 class Incrementer:
@@ -515,8 +515,10 @@ class Load:
 
     def __init__(self, numbers: Map[str, int]) -> None:
         self.numbers = numbers
-        self.writer = Writer(numbers, tasks=3)
-        self.incrementer = Incrementer(numbers, tasks=3)
+        # 12 + 12 tasks: enough operations in flight that some are at the holder killed
+        # (with 3 + 3, a service made to drop those passed the first test below).
+        self.writer = Writer(numbers, tasks=12)
+        self.incrementer = Incrementer(numbers, tasks=12)
 
     def done(self) -> int:
         return len(self.writer.returned) + sum(self.incrementer.returned.values())
@@ -553,13 +555,15 @@ async def kill_midway(
     if the migration ended before that was seen (nothing is killed then)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
+    still = 0  # polls in a row with nothing moving (one may fall between two moves)
     while True:
         grid = await grid_status(tester)
         owned = owned_by(grid).get(newcomer, 0)
         if grid["paused"] and at_least <= owned <= 200:
             kill()
             return grid
-        if owned and not grid["paused"] and not grid["waiting"] and not grid["service_owned"]:
+        still = still + 1 if owned and not grid["paused"] else 0
+        if still == 2:
             return None  # settled before: too fast to catch
         if loop.time() > deadline:
             pytest.fail(f"{newcomer} never owned {at_least}-200 partitions midway: {grid}")
@@ -579,8 +583,8 @@ async def takeover_killed(
     """With the grid settled on the holders ``before``, start holder ``name`` and, while
     partitions move to it, call the kill that ``victim(newcomer)`` gives once it owns
     ``at_least`` of them. The migration may end before a poll sees it at that point: the
-    newcomer is killed then, and the next one tries (three at most)."""
-    for attempt in range(3):
+    newcomer is killed then, and the next one tries (four at most)."""
+    for attempt in range(4):
         newcomer = await spawn_holder(tmp_path, service.url, processes, f"{name}-{attempt}")
         grid = await kill_midway(tester, newcomer.name, at_least, victim(newcomer))
         if grid is not None:
@@ -588,7 +592,7 @@ async def takeover_killed(
         print(f"{newcomer.name}: the migration ended before {at_least} were seen; again")
         newcomer.kill9()
         await wait_for_grid(tester, settled_on(*before), 30, f"{newcomer.name} gone")
-    pytest.fail(f"three migrations ended before {name} was seen owning {at_least} partitions")
+    pytest.fail(f"four migrations ended before {name} was seen owning {at_least} partitions")
 
 
 async def test_writes_survive_kill9_of_the_holder_partitions_are_migrating_to(
@@ -691,7 +695,7 @@ async def test_writes_survive_kill9_of_the_service_mid_migration(
     restarted on its data directory: the holders come back by themselves, the grid
     settles on them, and no write that returned is lost. Four times, a holder more each
     time, killed at different points (the newcomer still taking its backups, then owning
-    1, 40, 45 partitions: of 135, 90, 67, 54)."""
+    1, 40, 35 partitions: of 135, 90, 67, 54)."""
     service = grid_service
     started = time.monotonic()
     holders = [await spawn_holder(tmp_path, service.url, processes, "holder-a")]
@@ -704,7 +708,7 @@ async def test_writes_survive_kill9_of_the_service_mid_migration(
     load = Load(numbers)
     try:
         await load.goes_on(200, "before the first newcomer")
-        for n, at_least in enumerate((0, 1, 40, 45)):
+        for n, at_least in enumerate((0, 1, 40, 35)):
             names = [h.name for h in holders]
             newcomer, grid = await takeover_killed(
                 tmp_path,
