@@ -274,11 +274,23 @@ async def exchange_under_attack(url: str, port: int) -> Refusals:
             await send_acked(clients[me], to, HsMsg, range(start, start + 50), window=50)
             sent[me] = start + 50
 
+    # The data grid under attack too: alice writes, carol holds the partitions.
+    holder = Client("carol", url, token=TOKEN, reconnect=False, holds_data=True)
+    written = [0]
+
+    async def write_grid() -> None:
+        entries = clients["alice"].grid.map("hostile", int)
+        while not done.is_set() or written[0] < 200:
+            start = written[0]
+            await entries.put_all({f"k{i}": i for i in range(start, start + 20)})
+            written[0] = start + 20
+
     refusals = Refusals()
     try:
+        await holder.connect()
         for client in clients.values():
             await client.connect()
-        traffic = asyncio.gather(talk("alice", "bob"), talk("bob", "alice"))
+        traffic = asyncio.gather(talk("alice", "bob"), talk("bob", "alice"), write_grid())
         cases = hostile_cases(port, refusals)
         results = await asyncio.wait_for(
             asyncio.gather(*(attack for _, attack in cases), return_exceptions=True), 20
@@ -295,9 +307,14 @@ async def exchange_under_attack(url: str, port: int) -> Refusals:
         # Every acknowledged packet was handled once, in order, on both sides.
         assert got["bob"] == list(range(sent["alice"]))
         assert got["alice"] == list(range(sent["bob"]))
-        assert all(client.connected for client in clients.values())
+        # Every acknowledged grid write reads back, through another ending.
+        keys = [f"k{i}" for i in range(written[0])]
+        assert await clients["bob"].grid.map("hostile", int).get_all(keys) == {
+            key: i for i, key in enumerate(keys)
+        }
+        assert all(client.connected for client in [*clients.values(), holder])
     finally:
-        for client in clients.values():
+        for client in [*clients.values(), holder]:
             await client.close()
     return refusals
 
