@@ -13,7 +13,15 @@ import msgspec
 import pytest
 from support import eventually
 
-from packetstack import Client, ConfigError, GridError, PermissionDenied, Principal, Service
+from packetstack import (
+    Client,
+    ConfigError,
+    GridError,
+    PayloadTooLarge,
+    PermissionDenied,
+    Principal,
+    Service,
+)
 from packetstack.codec import encode
 from packetstack.grid import EntryEvent
 from packetstack.grid.messages import GridEvent, GridOps
@@ -340,3 +348,26 @@ async def test_entry_events_from_anyone_but_the_service_are_refused(
     await user.grid.map("m", int).put("real", 1)
     await eventually(lambda: len(seen) == 1)
     assert seen[0].key == "real"
+
+
+async def test_answers_over_the_payload_limit(make_service: Any, tmp_path: Any) -> None:
+    """items() asks for the partitions one by one when together they would not fit;
+    get_all of too many large values is a GridError naming the fix, not a stall."""
+    service = await make_service(
+        data_dir=tmp_path / "small", max_payload=200_000, chunk_size=65_536
+    )
+    async with (
+        Client("holder", service.url, holds_data=True),
+        Client("user", service.url) as user,
+    ):
+        big = user.grid.map("big", bytes)
+        values = {f"k{i}": bytes([i % 256]) * 20_000 for i in range(300)}
+        for key, value in values.items():
+            await big.put(key, value)
+        assert {k: v async for k, v in big.items()} == values
+        with pytest.raises(GridError, match=r"too large.*read fewer keys at once"):
+            await big.get_all(list(values))
+        assert await big.get_all(["k1", "k2"]) == {"k1": values["k1"], "k2": values["k2"]}
+        with pytest.raises(PayloadTooLarge):
+            await big.put("huge", b"x" * 300_000)
+        assert service.grid.coordinator.snapshot()["paused"] == 0

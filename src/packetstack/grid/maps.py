@@ -19,7 +19,7 @@ import msgspec
 
 from ..codec import DECODE_ERRORS, _hooks, encode
 from ..errors import GridError
-from .ops import Change, Kind, Op, Outcome, PartitionData, apply, live
+from .ops import TOO_LARGE, Change, Kind, Op, Outcome, PartitionData, apply, live
 from .partitions import partition_of
 
 K = TypeVar("K")
@@ -331,14 +331,27 @@ class Map(Generic[K, V]):
             yield key
 
     async def _scan(self, ops: list[Op]) -> list[Outcome]:
+        """SCAN outcomes for ``ops``: owned partitions read here (now, before any await),
+        the others asked together; partitions whose answers together would not fit one
+        packet are asked for one by one."""
         local = self._backend.local
-        remote = [op for op in ops if local(op.part) is None]
-        answers = iter(await self._many(remote) if remote else [])
-        outcomes = []
-        for op in ops:
+        now = time.time()
+        outcomes: list[Outcome | None] = []
+        remote: list[tuple[int, Op]] = []
+        for index, op in enumerate(ops):
             data = local(op.part)
-            outcomes.append(apply(data, op, time.time()) if data is not None else next(answers))
-        return outcomes
+            outcomes.append(apply(data, op, now) if data is not None else None)
+            if data is None:
+                remote.append((index, op))
+        if remote:
+            answers = await self._backend.run([op for _, op in remote])
+            for (index, op), answer in zip(remote, answers, strict=True):
+                if answer.error.startswith(TOO_LARGE):
+                    answer = (await self._backend.run([op]))[0]  # alone it may fit
+                if answer.error:
+                    raise GridError(f"map {self.name!r}: {answer.error}")
+                outcomes[index] = answer
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def _every_partition(self, kind: Kind) -> list[Op]:
         return [Op(self.name, part, kind) for part in range(self._backend.partitions)]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ..codec import Packet
 from ..errors import PayloadTooLarge
 from ..protocol import ErrorBody, PacketHeader
-from .ops import Op, Outcome, without_values
+from .ops import TOO_LARGE, Op, Outcome, without_values
 
 if TYPE_CHECKING:
     from ..transport import Link
@@ -44,7 +44,7 @@ def send_outcomes(link: Link, reply: Reply, request: PacketHeader, outcomes: lis
     try:
         link.write_packet(header, body)
     except PayloadTooLarge as exc:
-        why = f"the answer is too large ({exc}); read fewer keys at once"
+        why = f"{TOO_LARGE} ({exc}); read fewer keys at once"
         header, body = reply(request, GridOutcomes(without_values(outcomes, why)), None)
         link.write_packet(header, body)
 

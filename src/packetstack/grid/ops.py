@@ -87,6 +87,7 @@ _int_decoder = msgspec.msgpack.Decoder(int)
 _encode = msgspec.msgpack.Encoder().encode
 
 
+TOO_LARGE = "the answer is too large"  # how the error of a read that would not fit starts
 OP_OVERHEAD = 48  # bytes of an encoded Op beyond its name, key and values, at most
 
 
