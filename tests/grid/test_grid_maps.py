@@ -371,3 +371,19 @@ async def test_answers_over_the_payload_limit(make_service: Any, tmp_path: Any) 
         with pytest.raises(PayloadTooLarge):
             await big.put("huge", b"x" * 300_000)
         assert service.grid.coordinator.snapshot()["paused"] == 0
+
+
+async def test_a_holder_answering_nonsense_is_expelled_and_nothing_is_lost(
+    service: Service, make_client: Any
+) -> None:
+    liar = await make_client("liar", holds_data=True, reconnect=False)
+    await owners_settled(service, 1)
+    assert liar.grid.holding is not None
+    liar.grid.holding.apply = lambda request: []  # type: ignore[method-assign]
+    user = await make_client("user")
+    m = user.grid.map("m", int)
+    await asyncio.wait_for(m.put("k", 1), 10)  # applied by the service after the rebuild
+    assert await m.get("k") == 1
+    assert not liar.connected
+    assert service.stats["protocol_errors"] == 1
+    assert service.grid.coordinator.snapshot()["service_owned"] == 271

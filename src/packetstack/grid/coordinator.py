@@ -195,19 +195,12 @@ class Coordinator:
     async def open(self) -> None:
         """Create the journal's table and take every journaled entry (the service owns
         every partition until holders connect)."""
+        # Raises ConfigError for a journal written with another partition count.
         self.listeners = await self.journal.open(self.partition_count)
         rows = await self.journal.load_all()
         for index, part_rows in rows.items():
-            if index < self.partition_count:
-                self.parts[index].data = partition_data(part_rows)
-                self._watch_expiry(index, part_rows)
-            else:
-                log.error(
-                    "journal has entries of partition %d, but grid_partitions is %d: they "
-                    "are not served (start with the partition count they were written with)",
-                    index,
-                    self.partition_count,
-                )
+            self.parts[index].data = partition_data(part_rows)
+            self._watch_expiry(index, part_rows)
         self._arm_sweeper()
 
     async def close(self) -> None:
@@ -307,13 +300,12 @@ class Coordinator:
             self._notify(listeners, op, outcome.change, change.value, outcome.count)
 
     def _complete(self, unit: Unit, outcome: Outcome) -> None:
-        batch = unit.batch
-        batch.outcomes[unit.index] = outcome
-        batch.remaining -= 1
-        if batch.remaining == 0:
-            batch.finish(batch.outcomes)
+        unit.batch.outcomes[unit.index] = outcome
+        self._journaled([unit])
 
-    def _journaled(self, units: list[Unit]) -> None:
+    @staticmethod
+    def _journaled(units: list[Unit]) -> None:
+        """These units are done (their outcomes are in their batches)."""
         for unit in units:
             batch = unit.batch
             batch.remaining -= 1
@@ -350,17 +342,21 @@ class Coordinator:
 
     def outcomes(self, holder: Holder, request_id: int, payload: bytes | memoryview) -> None:
         """A holder answered a GridOps request."""
-        units = holder.sent.pop(request_id, None)
+        units = holder.sent.get(request_id)
         if units is None:
             return
         try:
             outcomes = _outcomes_decoder.decode(payload).outcomes
         except msgspec.DecodeError as exc:
-            self.host.expel(holder, f"undecodable grid outcomes: {exc}")
-            return
+            outcomes = []
+            problem = f"undecodable grid outcomes: {exc}"
+        else:
+            problem = "grid outcomes do not match the operations sent"
         if len(outcomes) != len(units):
-            self.host.expel(holder, "grid outcomes do not match the operations sent")
+            # Its units stay in ``sent``: its loss puts them back in their queues.
+            self.host.expel(holder, problem)
             return
+        del holder.sent[request_id]
         parts = self.parts
         for unit, outcome in zip(units, outcomes, strict=True):
             part = parts[unit.op.part]
