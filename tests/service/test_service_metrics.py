@@ -275,3 +275,26 @@ async def test_endpoint_paths_and_lifecycle(make_service: ServiceFactory, tmp_pa
     assert service.metrics is None
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def bearer_get(port: int, authorization: str | None) -> str:
+    """The status line of GET /metrics with that Authorization header (or none)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = f"Authorization: {authorization}\r\n" if authorization is not None else ""
+    writer.write(f"GET /metrics HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
+    response = await asyncio.wait_for(reader.read(), WAIT)
+    writer.close()
+    return response.decode().split("\r\n", 1)[0] + (
+        " +challenge" if "WWW-Authenticate: Bearer" in response.decode() else ""
+    )
+
+
+async def test_a_metrics_token_is_required_when_set(make_service: ServiceFactory) -> None:
+    service = await make_service(metrics_port=free_port(), metrics_token="s3cret")
+    assert service.metrics is not None
+    port = service.metrics.port
+    assert await bearer_get(port, None) == "HTTP/1.1 401 Unauthorized +challenge"
+    assert await bearer_get(port, "Bearer wrong") == "HTTP/1.1 401 Unauthorized +challenge"
+    assert await bearer_get(port, "Basic czNjcmV0") == "HTTP/1.1 401 Unauthorized +challenge"
+    assert await bearer_get(port, "Bearer s3cret") == "HTTP/1.1 200 OK"
+    assert "s3cret" not in repr(service.config)

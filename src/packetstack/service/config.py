@@ -27,13 +27,16 @@ class SettingProblems(ConfigError):
         self.problems = problems
 
 
+SECRETS = frozenset({"tokens", "metrics_token"})  # never shown by repr()
+
+
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Every service setting with its default. docs/CONFIGURATION.md describes each."""
 
     def __repr__(self) -> str:
         # Every setting but the secrets: configs end up in logs and tracebacks.
         shown = {
-            name: ("<hidden>" if name == "tokens" and value else value)
+            name: ("<hidden>" if name in SECRETS and value else value)
             for name, value in msgspec.structs.asdict(self).items()
         }
         return "ServiceConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
@@ -75,6 +78,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Prometheus metrics over HTTP (GET /metrics); metrics_port 0: no metrics endpoint.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    # When set, /metrics answers only requests with "Authorization: Bearer <metrics_token>".
+    metrics_token: str = ""
     # Log lines of `packetstack serve`: human text, or one JSON object per line.
     log_format: Literal["text", "json"] = "text"
     # The data grid: partitions (fixed for the life of the data directory's journal) and

@@ -12,6 +12,7 @@ docs/OPERATIONS.md lists every metric.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -245,10 +246,15 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"packetstack_{name}", doc, value=value)
 
 
+UNAUTHORIZED = "401 Unauthorized"
+
+
 class MetricsServer:
     """A minimal HTTP/1.1 server for ``GET /metrics`` (one request per connection)."""
 
     def __init__(self, service: Service) -> None:
+        token = service.config.metrics_token
+        self._authorization = f"Bearer {token}".encode() if token else None
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ServiceCollector(service))
         ProcessCollector(registry=self._registry)
@@ -282,8 +288,9 @@ class MetricsServer:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
             status, body, content_type = self._answer(head)
+            challenge = "WWW-Authenticate: Bearer\r\n" if status == UNAUTHORIZED else ""
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n{challenge}"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
                 + (b"" if head.startswith(b"HEAD ") else body)
             )
@@ -304,4 +311,16 @@ class MetricsServer:
             return "404 Not Found", b"metrics are at /metrics\n", "text/plain; charset=utf-8"
         if method not in (b"GET", b"HEAD"):
             return "405 Method Not Allowed", b"use GET\n", "text/plain; charset=utf-8"
+        if self._authorization is not None and not self._authorized(head):
+            body = b"send Authorization: Bearer <metrics_token>\n"
+            return UNAUTHORIZED, body, "text/plain; charset=utf-8"
         return "200 OK", self.render(), CONTENT_TYPE
+
+    def _authorized(self, head: bytes) -> bool:
+        assert self._authorization is not None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"authorization":
+                # Compared in constant time: the token is a secret.
+                return hmac.compare_digest(value.strip(), self._authorization)
+        return False

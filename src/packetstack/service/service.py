@@ -191,6 +191,12 @@ class Service(Peer):
 
             self.metrics = MetricsServer(self)
             await self.metrics.start(cfg.metrics_host, cfg.metrics_port)
+            if cfg.metrics_host not in LOOPBACK and not cfg.metrics_token:
+                log.warning(
+                    "metrics on %s answer anyone who reaches them (ending and group names): "
+                    "set metrics_token, or keep metrics_host on loopback",
+                    cfg.metrics_host,
+                )
 
     @property
     def url(self) -> str:
