@@ -288,6 +288,13 @@ async def exchange_under_attack(url: str, port: int) -> Refusals:
     refusals = Refusals()
     try:
         await holder.connect()
+        holding = holder.grid.holding
+        assert holding is not None
+        # Its partitions move in before the attacks start: the timings they check stay those
+        # of a service under attack, not of one also busy migrating.
+        await wait_until(
+            lambda: len(holding.owned) == holder.grid.partitions, CLOSE_WITHIN, "the takeover"
+        )
         for client in clients.values():
             await client.connect()
         traffic = asyncio.gather(talk("alice", "bob"), talk("bob", "alice"), write_grid())
