@@ -18,7 +18,7 @@ async def cut_while_answers_are_lost(proxy: TcpProxy, calls: list[Any]) -> list[
     """Run ``calls`` with the answers swallowed, then cut the connection; their results."""
     proxy.swallow_replies = True
     tasks = [asyncio.ensure_future(call) for call in calls]
-    await asyncio.sleep(0.3)  # every request reached the service and ran
+    await asyncio.sleep(0.3)  # they reach the service and run (any that do not go again too)
     assert not any(task.done() for task in tasks)
     proxy.swallow_replies = False
     proxy.cut()
@@ -69,7 +69,9 @@ async def test_after_a_service_restart_only_repeatable_operations_go_again(
         proxy.swallow_replies = True
         increment = asyncio.ensure_future(m.increment("n"))
         put = asyncio.ensure_future(m.put("k", 1))
-        await asyncio.sleep(0.3)
+        async with Client("observer", service.url) as observer:  # not through the proxy
+            while await observer.grid.map("m", int).get("n") != 1:
+                await asyncio.sleep(0.02)  # until the increment is applied and journaled
         service.kill9()
         proxy.swallow_replies = False
         service.start()  # same port, same data
