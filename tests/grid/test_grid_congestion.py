@@ -6,10 +6,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from support import eventually
 
 from packetstack import Service
 from packetstack.service.grid import GRID_CONGESTION
+
+
+@pytest.fixture
+async def service(make_service: Any) -> Service:
+    """Heartbeats slow enough that a holder which reads nothing for a while (on a loaded
+    machine, several seconds) is not cut by them before the test has seen the congestion."""
+    return await make_service(heartbeat=5.0, heartbeat_timeout=60.0)  # type: ignore[no-any-return]
 
 
 async def test_a_slow_backup_holds_back_writers_and_nothing_is_lost(
