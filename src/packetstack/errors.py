@@ -15,6 +15,7 @@
     ├── PayloadTooLarge                 refused before anything was sent
     ├── StoreError                      the embedded store could not read or write
     ├── PermissionDenied                the principal's ACL does not allow the action
+    ├── GridError                       a grid operation was refused (malformed, wrong type)
     ├── ConnectionFailed                could not reach or keep the service
     │   ├── HandshakeRefused            the service said no at handshake
     │   │   └── AuthenticationFailed    wrong or missing token
