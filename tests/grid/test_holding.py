@@ -15,6 +15,11 @@ from packetstack.grid.ops import Change, Kind, Op, Outcome
 enc = msgspec.msgpack.encode
 
 
+def owned_entries(holding: Holding) -> int:
+    """Entries in the partitions ``holding`` owns, every map together."""
+    return sum(len(e) for data in holding.owned.values() for e in data.values())
+
+
 def take(
     part: int,
     entries: list[tuple[str, bytes, bytes, float]],
@@ -49,7 +54,7 @@ def ask(holding: Holding, *ops: Op) -> list[Outcome]:
 def test_a_new_holding_holds_nothing() -> None:
     holding = Holding()
     assert holding.owned == {} and holding.backups == {}
-    assert holding.entries() == 0
+    assert owned_entries(holding) == 0
     [out] = ask(holding, get(3, "k"))
     assert not out.ok
     assert "partition 3" in out.error and "not held" in out.error
@@ -64,7 +69,7 @@ def test_take_in_one_chunk_as_owner() -> None:
     a, b = ask(holding, get(5, "a"), get(5, "b", "n"))
     assert a == Outcome(True, enc(1))
     assert b == Outcome(True, enc(2))
-    assert holding.entries() == 2
+    assert owned_entries(holding) == 2
 
 
 def test_an_empty_take_still_installs_the_partition() -> None:
@@ -135,7 +140,7 @@ def test_take_as_backup_is_not_served() -> None:
     assert holding.backups == {4: {"m": {b"a": (enc(1), 0.0)}}}
     [out] = ask(holding, get(4, "a"))
     assert not out.ok and out.error
-    assert holding.entries() == 0  # entries() counts what is owned
+    assert owned_entries(holding) == 0  # entries() counts what is owned
 
 
 def test_taking_a_backed_up_partition_as_owner_drops_the_backup() -> None:
@@ -251,7 +256,7 @@ def test_reset_clears_everything_including_half_taken_partitions() -> None:
     holding.take(take(3, [row("c", 3)], last=False))
     holding.reset()
     assert holding.owned == {} and holding.backups == {}
-    assert holding.entries() == 0
+    assert owned_entries(holding) == 0
     # The rest of the interrupted take (sent on the old connection) installs nothing.
     holding.take(take(3, [row("d", 4)], first=False, last=True))
     assert holding.owned == {} and holding.backups == {}
@@ -265,7 +270,7 @@ def test_entries_counts_owned_entries_over_maps_and_partitions() -> None:
     holding.take(take(1, [row("a", 1), row("b", 2), row("a", 1, "n")]))
     holding.take(take(2, [row("c", 3)]))
     holding.take(take(3, [row("d", 4), row("e", 5)], owner=False))
-    assert holding.entries() == 4
+    assert owned_entries(holding) == 4
 
 
 def test_grid_packets_survive_the_wire() -> None:

@@ -180,6 +180,9 @@ async def test_grid_metrics(service: Service, make_client: ClientFactory) -> Non
     assert value(metrics, "packetstack_grid_promotions") == 0
     assert value(metrics, "packetstack_grid_rebuilds") == 0
     assert value(metrics, "packetstack_grid_journal_retries") == 0
+    assert (
+        value(metrics, "packetstack_grid_journal_folds") == service.grid.coordinator.journal.folds
+    )
     assert value(metrics, "packetstack_grid_requests_refused") == 0
     # The grid counters with a metric of their own are not kinds of events as well.
     assert by_label(metrics, "packetstack_events") == {}

@@ -694,6 +694,7 @@ class Coordinator:
             "waiting": sum(len(p.waiting) for p in self.parts),
             "ops": self.ops,
             "journal_retries": self.journal.retries,
+            "journal_folds": self.journal.folds,
             "listeners": {name: sorted(names) for name, names in self.listeners.items()},
         }
 

@@ -73,6 +73,3 @@ class Holding:
         self.owned.clear()
         self.backups.clear()
         self._taking.clear()
-
-    def entries(self) -> int:
-        return sum(len(e) for data in self.owned.values() for e in data.values())

@@ -236,6 +236,11 @@ def _grid(grid: dict[str, Any], stats: dict[str, int]) -> Iterator[Metric]:
         "Failed writes of the grid journal, retried.",
         grid["journal_retries"],
     )
+    yield _counter(
+        "grid_journal_folds",
+        "Folds of the grid journal's log into its table of latest values.",
+        grid["journal_folds"],
+    )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
