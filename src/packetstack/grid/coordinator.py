@@ -24,7 +24,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
-from zlib import crc32
 
 import msgspec
 
@@ -45,7 +44,7 @@ from .ops import (
     effect,
     op_size,
 )
-from .partitions import plan
+from .partitions import partition_of, plan
 
 if TYPE_CHECKING:
     from ..transport import Link
@@ -245,7 +244,7 @@ class Coordinator:
                 if not 0 <= op.part < count:
                     return f"partition {op.part} does not exist (the grid has {count})"
             else:
-                op.part = crc32(op.key) % count  # partition_of, inlined: once per op
+                op.part = partition_of(op.key, count)
             if op.expires:
                 if not 0 < op.expires <= MAX_TTL:  # NaN fails too
                     return f"ttl must be positive and at most {MAX_TTL:.0f} s, not {op.expires}"
@@ -362,9 +361,7 @@ class Coordinator:
             part = parts[unit.op.part]
             part.inflight -= 1
             self._applied(unit, outcome)
-            if part.inflight == 0 and part.settled is not None:
-                part.settled.set_result(None)
-                part.settled = None
+            _settle_if_idle(part)
         self._schedule_flush()
 
     # --------------------------------------------------------------- events
@@ -463,19 +460,11 @@ class Coordinator:
                 part.backups.remove(holder)
             if part.owner is holder and not part.paused:
                 if part.backups:
-                    heir = part.backups.pop(0)
-                    part.owner = heir
-                    promoted.setdefault(heir, []).append(part.index)
-                    self.version += 1
+                    promoted.setdefault(self._heir(part), []).append(part.index)
                 else:
                     self._start_rebuild(part)
-            if part.inflight == 0 and part.settled is not None:
-                part.settled.set_result(None)
-                part.settled = None
-        self._flush()  # effects owed to the heirs as backups go before their promotion
-        for heir, indexes in promoted.items():
-            self.host.send_to(heir, Promote(indexes), False)
-            self.stats["grid_promotions"] += len(indexes)
+            _settle_if_idle(part)
+        self._promote(promoted)
         for part in self.parts:
             if part.waiting and not part.paused:
                 self._drain(part)
@@ -544,23 +533,20 @@ class Coordinator:
                     continue
                 log.info("grid rebalance: %d partitions move", len(moves))
                 limit = asyncio.Semaphore(MOVES_AT_ONCE)
-                await asyncio.gather(*(self._move_within(limit, *move) for move in moves))
+                await asyncio.gather(*(self._move(limit, *move) for move in moves))
         finally:
             self._rebalancer = None
 
-    async def _move_within(
+    async def _move(
         self,
         limit: asyncio.Semaphore,
         part: Partition,
         owner: Holder | None,
         backups: list[Holder],
     ) -> None:
-        async with limit:
-            await self._move(part, owner, backups)
-
-    async def _move(self, part: Partition, owner: Holder | None, backups: list[Holder]) -> None:
-        """Give ``part`` to ``owner`` with ``backups``, pausing its operations meanwhile."""
-        async with part.lock:
+        """Give ``part`` to ``owner`` with ``backups``, pausing its operations meanwhile
+        (at most ``limit`` partitions at once, one change of a partition at a time)."""
+        async with limit, part.lock:
             await self._move_locked(part, owner, backups)
 
     async def _move_locked(
@@ -579,9 +565,7 @@ class Coordinator:
                 if owner is not None and owner in part.backups:
                     part.backups.remove(owner)
                     if owner.alive:
-                        self._flush()  # its backup effects first
-                        self.host.send_to(owner, Promote([part.index]), False)
-                        self.stats["grid_promotions"] += 1
+                        self._promote({owner: [part.index]})
                 else:
                     rows = await self._load(part.index)
                     if owner is not None and owner.alive:
@@ -621,12 +605,22 @@ class Coordinator:
             if not part.backups:
                 self._start_rebuild(part)
                 return
-            heir = part.backups.pop(0)
-            part.owner = heir
-            self._flush()
-            self.host.send_to(heir, Promote([part.index]), False)
-            self.stats["grid_promotions"] += 1
+            self._promote({self._heir(part): [part.index]})
         self._drain(part)
+
+    def _heir(self, part: Partition) -> Holder:
+        """Make the partition's first backup its owner (its data is there already)."""
+        heir = part.owner = part.backups.pop(0)
+        self.version += 1
+        return heir
+
+    def _promote(self, parts: dict[Holder, list[int]]) -> None:
+        """Tell new owners which of their backups are theirs now, after every backup change
+        still owed to them (a Promote must not overtake them)."""
+        self._flush()
+        for heir, indexes in parts.items():
+            self.host.send_to(heir, Promote(indexes), False)
+            self.stats["grid_promotions"] += len(indexes)
 
     def _drain(self, part: Partition) -> None:
         waiting = part.waiting
@@ -701,6 +695,13 @@ class Coordinator:
 
 def _ignore(_: list[Outcome]) -> None:
     pass
+
+
+def _settle_if_idle(part: Partition) -> None:
+    """Wake a move waiting for the partition's ops at its owner, once none is left."""
+    if part.inflight == 0 and part.settled is not None:
+        part.settled.set_result(None)
+        part.settled = None
 
 
 def _op_of(unit: Unit) -> Op:
