@@ -112,11 +112,9 @@ class ServiceGrid(GridFront):
         principal = session.principal
         if principal.read != ANYTHING or principal.write != ANYTHING:
             for op in ops:
-                action: Literal["read", "write"] = "read" if op.kind in READS else "write"
-                if not principal.allows(action, op.map):
-                    why = f"principal {principal.name!r} may not {action} map {op.map!r}"
-                    self._service._denied(why)
-                    self._refuse(session, header, PermissionDenied(why))
+                denied = self._denied(principal, "read" if op.kind in READS else "write", op.map)
+                if denied is not None:
+                    self._refuse(session, header, denied)
                     return
         once = not all(op.kind in REPEATABLE for op in ops)
         if once:
@@ -141,6 +139,16 @@ class ServiceGrid(GridFront):
             session.link.hold_reading(True, GRID_CONGESTION)
             self._held.add(session.link)
 
+    def _denied(
+        self, principal: Principal, action: Literal["read", "write"], map_name: str
+    ) -> PermissionDenied | None:
+        """The refusal (counted) if ``principal`` may not ``action`` the map, else None."""
+        if principal.allows(action, map_name):
+            return None
+        why = f"principal {principal.name!r} may not {action} map {map_name!r}"
+        self._service._denied(why)
+        return PermissionDenied(why)
+
     def _refuse(self, session: Session, header: PacketHeader, exc: Exception) -> None:
         code = ErrorCode.PERMISSION_DENIED if isinstance(exc, PermissionDenied) else ErrorCode.GRID
         self.stats["grid_refused"] += 1
@@ -160,10 +168,10 @@ class ServiceGrid(GridFront):
         @service.on(Listen)
         async def listen(request: Listen, ctx: Context) -> GridDone:
             session = service.endings.get(ctx.sender)
-            if session is not None and not session.principal.allows("read", request.map):
-                why = f"principal {session.principal.name!r} may not read map {request.map!r}"
-                service._denied(why)
-                raise PermissionDenied(why)
+            if session is not None:
+                denied = self._denied(session.principal, "read", request.map)
+                if denied is not None:
+                    raise denied
             await self.coordinator.listen(ctx.sender, request.map, request.on)
             return GridDone()
 
@@ -185,9 +193,7 @@ class ServiceGrid(GridFront):
             return packet_id  # its loss is handled: its part goes elsewhere
         if not writable and holder not in self._congested:
             self._congested.add(holder)
-            task = asyncio.get_running_loop().create_task(self._until_drained(holder))
-            self._service._background.add(task)
-            task.add_done_callback(self._service._background.discard)
+            self._service.in_background(self._until_drained(holder))
         return packet_id
 
     async def _until_drained(self, holder: Holder) -> None:
@@ -227,9 +233,7 @@ class ServiceGrid(GridFront):
         if name == SERVICE_NAME:
             assert isinstance(packet, GridEvent)
             event = self._watchers.event(packet.map, packet.change, packet.key, packet.value)
-            task = asyncio.get_running_loop().create_task(event)
-            self._service._background.add(task)
-            task.add_done_callback(self._service._background.discard)
+            self._service.in_background(event)
             return
         service = self._service
         header = service._addressed(name, packet, 0)

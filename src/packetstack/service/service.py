@@ -8,7 +8,7 @@ import secrets
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -320,8 +320,12 @@ class Service(Peer):
         log.info("ending %r left (%s)", session.name, link.close_reason or error or "closed")
 
     def _stop_dispatcher(self, session: Session) -> None:
-        # The loop keeps only weak references to tasks: hold this one until it is done.
-        task = asyncio.get_running_loop().create_task(session.dispatcher.stop())
+        self.in_background(session.dispatcher.stop())
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that close() waits for. The loop keeps only weak
+        references to tasks: this holds it until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
