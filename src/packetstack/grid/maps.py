@@ -19,7 +19,7 @@ import msgspec
 
 from ..codec import DECODE_ERRORS, _hooks, encode
 from ..errors import GridError
-from .ops import TOO_LARGE, Change, Kind, Op, Outcome, PartitionData, apply, live
+from .ops import READS, TOO_LARGE, Change, Kind, Op, Outcome, PartitionData, apply, live
 from .partitions import partition_of
 
 K = TypeVar("K")
@@ -214,11 +214,14 @@ class Map(Generic[K, V]):
         return float(ttl)
 
     async def _one(self, op: Op) -> Outcome:
-        outcome = (await self._backend.run([op]))[0]
+        outcome = (await self._many([op]))[0]
+        if self.near_cache is not None and op.kind not in READS:
+            self.near_cache.pop(op.key, None)
+        return outcome
+
+    def _check(self, outcome: Outcome) -> Outcome:
         if outcome.error:
             raise GridError(f"map {self.name!r}: {outcome.error}")
-        if self.near_cache is not None and op.kind not in (Kind.GET, Kind.CONTAINS):
-            self.near_cache.pop(op.key, None)
         return outcome
 
     async def _many(self, ops: list[Op]) -> list[Outcome]:
@@ -233,8 +236,7 @@ class Map(Generic[K, V]):
             )
             outcomes = [outcome for part in parts for outcome in part]
         for outcome in outcomes:
-            if outcome.error:
-                raise GridError(f"map {self.name!r}: {outcome.error}")
+            self._check(outcome)
         return outcomes
 
     def _local(self, key: bytes, part: int) -> tuple[bool, bytes | None]:
@@ -348,9 +350,7 @@ class Map(Generic[K, V]):
             for (index, op), answer in zip(remote, answers, strict=True):
                 if answer.error.startswith(TOO_LARGE):
                     answer = (await self._backend.run([op]))[0]  # alone it may fit
-                if answer.error:
-                    raise GridError(f"map {self.name!r}: {answer.error}")
-                outcomes[index] = answer
+                outcomes[index] = self._check(answer)
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _every_partition(self, kind: Kind) -> list[Op]:

@@ -50,6 +50,11 @@ READS = frozenset({Kind.GET, Kind.CONTAINS, Kind.SCAN, Kind.SIZE})
 REPEATABLE = READS | {Kind.PUT, Kind.DELETE, Kind.REPLACE, Kind.CLEAR}
 
 
+def repeatable(ops: list[Op]) -> bool:
+    """Whether a request of these ops may simply run again when its answer was lost."""
+    return all(op.kind in REPEATABLE for op in ops)
+
+
 class Op(msgspec.Struct, array_like=True, gc=False):
     """One operation on one key (or, for SCAN, CLEAR and SIZE, on the map's entries in
     ``part``). ``expires``: seconds to live in a client's request, the absolute wall-clock

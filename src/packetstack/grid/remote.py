@@ -33,7 +33,7 @@ from .messages import (
     Take,
     send_outcomes,
 )
-from .ops import REPEATABLE, Op, Outcome, PartitionData
+from .ops import Op, Outcome, PartitionData, repeatable
 from .partitions import DEFAULT_PARTITIONS
 
 if TYPE_CHECKING:
@@ -126,16 +126,12 @@ class ClientGrid(GridFront):
         kind = type(message)
         if kind is GridOps:
             send_outcomes(link, self._client._reply, header, holding.apply(message))
-            return
-        if kind is Backup:
+        elif kind is Backup:
             holding.backup(message)
-            return
         elif kind is Take:
             holding.take(message)
-            return
         elif kind is Promote:
             holding.promote(message)
-            return
         else:
             holding.release(message)
             link.write_packet(*self._client._reply(header, GridDone(), None))
@@ -153,7 +149,7 @@ class ClientGrid(GridFront):
             if sent_on is None or sent_on is link:
                 self._inflight[request_id] = (header, packet, link)  # from the outbox
                 continue
-            if restarted and not all(op.kind in REPEATABLE for op in packet.ops):
+            if restarted and not repeatable(packet.ops):
                 self._client._pending.fail(
                     request_id,
                     GridError(

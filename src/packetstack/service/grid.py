@@ -25,7 +25,7 @@ from ..grid.messages import (
     Listen,
     send_outcomes,
 )
-from ..grid.ops import READS, REPEATABLE, Op, Outcome, PartitionData, op_size
+from ..grid.ops import READS, Op, Outcome, PartitionData, op_size, repeatable
 from ..protocol import SERVICE_NAME, Flag, PacketHeader, PacketReceived
 from ..storage import EmbeddedStore
 from .auth import ANYTHING, Principal
@@ -116,7 +116,7 @@ class ServiceGrid(GridFront):
                 if denied is not None:
                     self._refuse(session, header, denied)
                     return
-        once = not all(op.kind in REPEATABLE for op in ops)
+        once = not repeatable(ops)
         if once:
             if remembered is None:
                 if len(self._answers) >= REMEMBERED_ENDINGS:
