@@ -19,8 +19,8 @@ import pytest
 
 from packetstack import ConfigError, StoreError
 from packetstack.grid import journal as journal_module
-from packetstack.grid.journal import Journal, partition_data, statements
-from packetstack.grid.ops import Kind, Op, PartitionData, apply, effect, live
+from packetstack.grid.journal import Journal, statements
+from packetstack.grid.ops import Kind, Op, PartitionData, apply, effect, live, partition_data
 from packetstack.storage import EmbeddedStore, Statement
 
 enc = msgspec.msgpack.encode

@@ -31,7 +31,7 @@ from ..codec import Packet
 from ..errors import ConnectionClosed, GridError, MailboxFull
 from ..protocol import SERVICE_NAME, Flag, PacketHeader, Target
 from ..storage import EmbeddedStore
-from .journal import Journal, Row, partition_data
+from .journal import Journal
 from .messages import Backup, GridEvent, GridOps, GridOutcomes, Promote, Release, Take
 from .ops import (
     Change,
@@ -39,10 +39,12 @@ from .ops import (
     Op,
     Outcome,
     PartitionData,
+    Row,
     apply,
     batches,
     effect,
     op_size,
+    partition_data,
 )
 from .partitions import partition_of, plan
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from .messages import Backup, GridOps, Promote, Release, Take
-from .ops import Outcome, PartitionData, apply
+from .ops import Outcome, PartitionData, apply, partition_data
 
 
 class Holding:
@@ -46,11 +46,7 @@ class Holding:
         data = self._taking.get(part)
         if data is None:
             return  # chunks of a take that started on an earlier connection
-        for map_name, key, value, expires in message.entries:
-            entries = data.get(map_name)
-            if entries is None:
-                entries = data[map_name] = {}
-            entries[key] = (value, expires)
+        partition_data(message.entries, data)
         if message.last:
             del self._taking[part]
             if message.owner:

@@ -24,7 +24,7 @@ import msgspec
 
 from ..errors import ConfigError
 from ..storage import EmbeddedStore, Statement
-from .ops import Kind, Op, PartitionData
+from .ops import Kind, Op, Row
 
 log = logging.getLogger("packetstack.grid")
 
@@ -62,8 +62,6 @@ FOLD_IDLE = 1.0  # seconds after the last write that fold what is left
 
 _effects_encoder = msgspec.msgpack.Encoder()
 _effects_decoder = msgspec.msgpack.Decoder(list[Op])
-
-Row = tuple[str, bytes, bytes, float]  # (map, key, value, expires)
 
 
 def statements(effects: list[Op]) -> list[Statement]:
@@ -260,13 +258,3 @@ def _nothing() -> None:
 
 def _fold_statement(db: sqlite3.Connection) -> None:
     fold(db)
-
-
-def partition_data(rows: list[Row]) -> PartitionData:
-    data: PartitionData = {}
-    for map_name, key, value, expires in rows:
-        entries = data.get(map_name)
-        if entries is None:
-            entries = data[map_name] = {}
-        entries[key] = (value, expires)
-    return data

@@ -10,7 +10,7 @@ user's types, except for ``increment``, whose values are integers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import IntEnum
 from typing import TypeVar
 
@@ -85,6 +85,19 @@ class Outcome(msgspec.Struct, array_like=True, gc=False):
 Entry = tuple[bytes, float]  # (encoded value, expires or 0)
 MapData = dict[bytes, Entry]
 PartitionData = dict[str, MapData]  # map name -> its entries in one partition
+Row = tuple[str, bytes, bytes, float]  # one entry as the journal and Take carry it
+
+
+def partition_data(rows: Iterable[Row], into: PartitionData | None = None) -> PartitionData:
+    """A partition's data from entry rows (map, key, value, expires), added to ``into``."""
+    data: PartitionData = {} if into is None else into
+    for map_name, key, value, expires in rows:
+        entries = data.get(map_name)
+        if entries is None:
+            entries = data[map_name] = {}
+        entries[key] = (value, expires)
+    return data
+
 
 T = TypeVar("T")
 
