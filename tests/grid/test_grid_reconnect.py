@@ -70,8 +70,12 @@ async def test_after_a_service_restart_only_repeatable_operations_go_again(
         increment = asyncio.ensure_future(m.increment("n"))
         put = asyncio.ensure_future(m.put("k", 1))
         async with Client("observer", service.url) as observer:  # not through the proxy
-            while await observer.grid.map("m", int).get("n") != 1:
-                await asyncio.sleep(0.02)  # until the increment is applied and journaled
+            seen = observer.grid.map("m", int)
+            while await seen.get("n") != 1:
+                await asyncio.sleep(0.02)  # until the increment is applied
+            # A read may see a write before its commit; a write acknowledged after it was
+            # committed after it (the journal commits in order): the increment is journaled.
+            await seen.put("after", 1)
         service.kill9()
         proxy.swallow_replies = False
         service.start()  # same port, same data
