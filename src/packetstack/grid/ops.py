@@ -173,18 +173,18 @@ def apply(data: PartitionData, op: Op, now: float) -> Outcome:
         alive = sum(1 for e in entries.values() if live(e, now)) if entries else 0
         return Outcome(True, count=alive)
     if kind == Kind.PUT:
-        return _store(data, op, op.value, present, op.expires)
+        return _store(data, op, present)
     if kind == Kind.PUT_IF_ABSENT:
-        return Outcome() if present else _store(data, op, op.value, False, op.expires)
+        return Outcome() if present else _store(data, op, False)
     if kind == Kind.REPLACE:
-        return _store(data, op, op.value, True, op.expires) if present else Outcome()
+        return _store(data, op, True) if present else Outcome()
     if kind == Kind.COMPARE_AND_SET:
         current = entry[0] if present and entry is not None else None
         if current != op.expect:
             return Outcome()
         if op.value is None:  # compare_and_set(key, expected, None): delete
             return _remove(entries, op.key, Change.REMOVED) if present else Outcome(True)
-        return _store(data, op, op.value, present, op.expires)
+        return _store(data, op, present)
     if kind == Kind.DELETE:
         # An expired entry goes too (a backup replaying its owner's EXPIRE), unreported.
         return _remove(entries, op.key, Change.REMOVED if present else Change.NONE)
@@ -201,16 +201,26 @@ def apply(data: PartitionData, op: Op, now: float) -> Outcome:
     return Outcome(error=f"unknown grid operation {kind}")
 
 
-def _store(
-    data: PartitionData, op: Op, value: bytes | None, present: bool, expires: float
-) -> Outcome:
-    if value is None:
+def _store(data: PartitionData, op: Op, present: bool) -> Outcome:
+    """Set the op's value and expiry (it replaces a ``present`` entry)."""
+    if op.value is None:
         return Outcome(error="a value is required")
+    return _set(data, op, op.value, op.expires, present, None)
+
+
+def _set(
+    data: PartitionData,
+    op: Op,
+    value: bytes,
+    expires: float,
+    present: bool,
+    answer: bytes | None,
+) -> Outcome:
     entries = data.get(op.map)
     if entries is None:
         entries = data[op.map] = {}
     entries[op.key] = (value, expires)
-    return Outcome(True, change=Change.UPDATED if present else Change.ADDED, expires=expires)
+    return Outcome(True, answer, Change.UPDATED if present else Change.ADDED, expires)
 
 
 def _remove(entries: MapData | None, key: bytes, change: Change) -> Outcome:
@@ -221,22 +231,18 @@ def _remove(entries: MapData | None, key: bytes, change: Change) -> Outcome:
 
 def _increment(data: PartitionData, op: Op, entry: Entry | None) -> Outcome:
     if entry is None:
-        current, expires, change = 0, 0.0, Change.ADDED
+        current, expires = 0, 0.0
     else:
         try:
             current = _int_decoder.decode(entry[0])
         except msgspec.DecodeError:
             return Outcome(error="increment needs an integer value; this entry holds another type")
-        expires, change = entry[1], Change.UPDATED
+        expires = entry[1]  # an increment keeps the entry's expiry
     try:
         value = _encode(current + op.delta)
     except OverflowError:
         return Outcome(error="increment would leave the 64-bit integer range")
-    entries = data.get(op.map)
-    if entries is None:
-        entries = data[op.map] = {}
-    entries[op.key] = (value, expires)
-    return Outcome(True, value, change, expires)
+    return _set(data, op, value, expires, entry is not None, value)
 
 
 def effect(op: Op, outcome: Outcome) -> Op | None:
