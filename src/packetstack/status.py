@@ -177,8 +177,10 @@ def render(snapshot: dict[str, Any], limit: int = 100, every: float | None = Non
     )
 
 
-def _table(title: str, *columns: str, shown: int = 0, total: int = 0) -> Table:
-    caption = f"first {shown} of {total}" if shown < total else None
+def _table(title: str, *columns: str, total: int = 0, limit: int = 0) -> Table:
+    """A table of ``total`` rows of which the first ``limit`` are shown (the caption says
+    so when that is not all of them)."""
+    caption = f"first {limit} of {total}" if limit < total else None
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column in columns:
         numeric = column in (
@@ -206,8 +208,8 @@ def _endings(endings: list[dict[str, Any]], limit: int) -> Table:
         "depth",
         "in flight",
         "groups",
-        shown=min(limit, len(endings)),
         total=len(endings),
+        limit=limit,
     )
     for ending in endings[:limit]:
         table.add_row(
@@ -236,9 +238,7 @@ def _peer(peer: str | None) -> str:
 def _groups(groups: dict[str, list[str]], limit: int) -> RenderableType:
     if not groups:
         return Text("Groups: none", style="italic")
-    table = _table(
-        "Groups", "group", "members", "names", shown=min(limit, len(groups)), total=len(groups)
-    )
+    table = _table("Groups", "group", "members", "names", total=len(groups), limit=limit)
     for group, names in list(groups.items())[:limit]:
         more = f" … and {len(names) - 20} more" if len(names) > 20 else ""
         table.add_row(group, str(len(names)), ", ".join(names[:20]) + more)
@@ -257,8 +257,8 @@ def _mailboxes(endings: list[dict[str, Any]], limit: int) -> RenderableType:
         "bytes",
         "in flight",
         "acked",
-        shown=min(limit, len(waiting)),
         total=len(waiting),
+        limit=limit,
     )
     for ending in waiting[:limit]:
         table.add_row(
@@ -283,8 +283,8 @@ def _grid(grid: dict[str, Any] | None, limit: int) -> RenderableType:
         "owned",
         "backups",
         "leaving",
-        shown=min(limit, len(holders)),
         total=len(holders),
+        limit=limit,
     )
     table.add_row("the service", str(grid["service_owned"]), "", "")
     for holder in holders[:limit]:
