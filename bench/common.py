@@ -414,14 +414,21 @@ async def drive_loop(
             break
     elapsed = perf_counter() - start
     return {
-        "rate": done / elapsed if elapsed > 0 else 0.0,
-        "count": done,
-        "elapsed": elapsed,
+        **untimed_result(done, elapsed, meter),
         "outstanding": 1,
+        "mean_us": elapsed / done * 1e6 if done else None,
+    }
+
+
+def untimed_result(count: int, elapsed: float, meter: CpuMeter) -> dict[str, Any]:
+    """The figures of ``count`` operations timed together (no latency of their own)."""
+    return {
+        "rate": count / elapsed if elapsed > 0 else 0.0,
+        "count": count,
+        "elapsed": elapsed,
         "p50_us": None,
         "p99_us": None,
-        "mean_us": elapsed / done * 1e6 if done else None,
-        **meter.stop(done),
+        **meter.stop(count),
     }
 
 
@@ -493,6 +500,19 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def spawn_logged(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A child process of the suite, its output in ``log_path``."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=python_env(),
+            cwd=str(ROOT),
+        )
+
+
 @dataclass
 class Hub:
     """A hub (PacketStack service, raw relay or private broker) running as its own process."""
@@ -509,16 +529,7 @@ class Hub:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=python_env(),
-            cwd=str(ROOT),
-        )
-        log.close()
+        self.process = spawn_logged(self.argv, self.log_path)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -597,16 +608,7 @@ class GridHub(Hub):
         ready.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "bench.grid_holder", "--url", self.url]
         argv += ["--ready", str(ready), "--timeout", str(self.holder_timeout)]
-        log = self.holder_log.open("wb")
-        self.holder = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=python_env(),
-            cwd=str(ROOT),
-        )
-        log.close()
+        self.holder = spawn_logged(argv, self.holder_log)
         deadline = time.monotonic() + self.holder_timeout + 10
         while not ready.exists():
             if self.holder.poll() is not None or time.monotonic() > deadline:

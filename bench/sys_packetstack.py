@@ -30,6 +30,7 @@ from .common import (
     one_way_result,
     perf_counter,
     produce,
+    untimed_result,
 )
 
 BACKLOG_SINK = "bench-sink"
@@ -239,11 +240,4 @@ async def grid_put_all(url: str, plan: Plan) -> dict[str, Any]:
         found = await grid_map.get_all(sample)
         if len(found) != len(sample):
             raise RuntimeError("the grid did not store every entry of the put_all")
-        return {
-            "rate": total / elapsed if elapsed > 0 else 0.0,
-            "count": total,
-            "elapsed": elapsed,
-            "p50_us": None,
-            "p99_us": None,
-            **meter.stop(total),
-        }
+        return untimed_result(total, elapsed, meter)

@@ -17,7 +17,15 @@ try:
 except ImportError:  # the suite reports redis as unavailable: pip install -e '.[bench]'
     aioredis = None
 
-from .common import REQUEST_TIMEOUT, CpuMeter, Plan, drive_key_ops, drive_loop, perf_counter
+from .common import (
+    REQUEST_TIMEOUT,
+    CpuMeter,
+    Plan,
+    drive_key_ops,
+    drive_loop,
+    perf_counter,
+    untimed_result,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379"
 POOL_SIZE = 100  # connections for the 100-outstanding scenarios: one per task
@@ -117,12 +125,4 @@ async def put_all(url: str, plan: Plan) -> dict[str, Any]:
         stored = await client.exists(*keys[:: max(1, total // 100)])
         if stored != len(keys[:: max(1, total // 100)]):
             raise RuntimeError("redis did not store every entry of the put_all")
-        return {
-            "rate": total / elapsed if elapsed > 0 else 0.0,
-            "count": total,
-            "elapsed": elapsed,
-            "p50_us": None,
-            "p99_us": None,
-            "keyspace": prefix,
-            **meter.stop(total),
-        }
+        return {**untimed_result(total, elapsed, meter), "keyspace": prefix}
