@@ -352,20 +352,16 @@ class Service(Peer):
         if problem is not None:
             link.close(CloseCode.BAD_NAME, problem)
             return None
+        forbidden = None
         if not principal.allows("claim", hello.name):
-            self._denied(f"principal {principal.name!r} may not connect as {hello.name!r}")
-            link.close(
-                CloseCode.FORBIDDEN,
-                f"principal {principal.name!r} may not connect as {hello.name!r}",
-            )
-            return None
+            forbidden = f"principal {principal.name!r} may not connect as {hello.name!r}"
         holds_data = "holder" in hello.caps
-        if holds_data:
-            problem = self.grid.holder_problem(principal)
-            if problem is not None:
-                self._denied(problem)
-                link.close(CloseCode.FORBIDDEN, problem)
-                return None
+        if forbidden is None and holds_data:
+            forbidden = self.grid.holder_problem(principal)
+        if forbidden is not None:
+            self._denied(forbidden)
+            link.close(CloseCode.FORBIDDEN, forbidden)
+            return None
         previous = self.endings.get(hello.name)
         # A reconnect replaces its previous session: that one does not count against the limit.
         replaces = previous is not None and previous.principal is principal
@@ -446,11 +442,15 @@ class Service(Peer):
             return True
         if allowed:
             return True
-        why = f"principal {permissions.principal.name!r} may not {what}"
-        self._denied(why)
-        link = session.link
-        link.write(link.connection.error_frame(header.id, ErrorCode.PERMISSION_DENIED, why))
+        self._refuse(
+            session.link, header.id, f"principal {permissions.principal.name!r} may not {what}"
+        )
         return False
+
+    def _refuse(self, link: Link, ref: int, why: str) -> None:
+        """Tell the sender of packet (or group change) ``ref`` that it was denied."""
+        self._denied(why)
+        link.write(link.connection.error_frame(ref, ErrorCode.PERMISSION_DENIED, why))
 
     # -------------------------------------------------------------- routing
 
@@ -593,9 +593,9 @@ class Service(Peer):
             link.write(link.connection.error_frame(event.id, ErrorCode.PROTOCOL, problem))
             return
         if event.join and not session.principal.allows("join", event.group):
-            why = f"principal {session.principal.name!r} may not join {event.group!r}"
-            self._denied(why)
-            link.write(link.connection.error_frame(event.id, ErrorCode.PERMISSION_DENIED, why))
+            self._refuse(
+                link, event.id, f"principal {session.principal.name!r} may not join {event.group!r}"
+            )
             return
         change = self.mailboxes.join if event.join else self.mailboxes.leave
         change(session.ending, event.group, partial(self._group_changed, link, event.id))
