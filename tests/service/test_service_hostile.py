@@ -133,9 +133,11 @@ async def slowloris(port: int, index: int) -> None:
     """One byte of a (long) HELLO every 100 ms, never finishing: closed with
     HANDSHAKE_TIMEOUT after the handshake timeout, not before and not much after."""
     data = hello(f"slow-{index}-" + "x" * 200)
-    peer: RawPeer = await open_raw(port)
     loop = asyncio.get_running_loop()
+    # Started before connecting: the service's clock starts at accept, which a busy
+    # loop may report to us well after it happened.
     started = loop.time()
+    peer: RawPeer = await open_raw(port)
     try:
         for byte in data:
             if peer.lost.done():
