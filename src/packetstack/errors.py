@@ -14,6 +14,10 @@
     │   └── PacketDecodeError           the body does not validate against its class
     ├── PayloadTooLarge                 refused before anything was sent
     ├── StoreError                      the embedded store could not read or write
+    │   └── BridgeError                 a database bridge failed
+    │       ├── BridgeUnavailable       it cannot be reached now (retried with backoff)
+    │       ├── BridgeRejected          it refused entries (each one is set aside)
+    │       └── BridgeSchemaError       its table does not fit the map (at start-up)
     ├── PermissionDenied                the principal's ACL does not allow the action
     ├── GridError                       a grid operation was refused (malformed, wrong type)
     ├── ConnectionFailed                could not reach or keep the service
@@ -118,6 +122,25 @@ class PayloadTooLarge(PacketStackError):
 
 class StoreError(PacketStackError):
     """The embedded store could not open, read or write its database."""
+
+
+class BridgeError(StoreError):
+    """A database bridge (SQL or MongoDB) could not do what was asked."""
+
+
+class BridgeUnavailable(BridgeError):
+    """The bridge's database cannot be reached or failed in a way that is worth retrying;
+    what was being written stays dirty in the journal."""
+
+
+class BridgeRejected(BridgeError):
+    """The database refused the data itself (too long for its column, a constraint, a
+    document it cannot store): retrying the same entry would fail again."""
+
+
+class BridgeSchemaError(BridgeError, ConfigError):
+    """A bridge's table or collection does not fit its map's settings (a missing or
+    mistyped column), found at start-up before anything is written."""
 
 
 class PermissionDenied(PacketStackError):

@@ -66,7 +66,7 @@ class Peer:
     async def _enter(self) -> None:
         raise NotImplementedError
 
-    async def close(self) -> None:
+    async def close(self) -> object:
         raise NotImplementedError
 
     async def __aenter__(self) -> Self:

@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -193,11 +193,14 @@ class Coordinator:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def open(self) -> None:
-        """Create the journal's table and take every journaled entry (the service owns
-        every partition until holders connect)."""
+    async def open(self, preload: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Create the journal's table, run ``preload`` (which may add entries to the
+        journal), and take every journaled entry (the service owns every partition until
+        holders connect)."""
         # Raises ConfigError for a journal written with another partition count.
         self.listeners = await self.journal.open(self.partition_count)
+        if preload is not None:
+            await preload()
         rows = await self.journal.load_all()
         for index, part_rows in rows.items():
             self.parts[index].data = partition_data(part_rows)

@@ -11,6 +11,15 @@ writer waits only for its batch's single row: on this kind of machine SQLite tak
 per row, so a hundred upserts would make every put wait a millisecond. The log is folded
 into ``grid`` later, in larger transactions (FOLD_AT effects, or FOLD_IDLE seconds after the
 last write), and always before ``grid`` is read.
+
+Maps with a database bridge are written to it only on flush (write-behind). The fold marks
+what changed in them dirty in ``grid_dirty``: the key and the generation of the fold that
+changed it last (a deleted entry has a dirty row and no ``grid`` row: a tombstone). A flush
+writes what it read and then cleans each key only if its generation is still the one it
+read, so a change made during the flush stays dirty for the next one. Dirty rows live in
+the store like everything else: a service killed with the database down loses none.
+Entries the database refused are set aside in ``grid_rejected`` (with the generation they
+were refused at) and skipped until they change or a flush is asked to retry them.
 """
 
 from __future__ import annotations
@@ -18,13 +27,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import msgspec
 
 from ..errors import ConfigError
 from ..storage import EmbeddedStore, Statement
 from .ops import Kind, Op, Row
+
+Dirty = tuple[bytes, int, bytes | None]  # (key, generation, value; None: deleted)
 
 log = logging.getLogger("packetstack.grid")
 
@@ -40,6 +53,21 @@ CREATE TABLE IF NOT EXISTS grid (
 CREATE INDEX IF NOT EXISTS grid_expiry ON grid (expires) WHERE expires > 0;
 CREATE TABLE IF NOT EXISTS grid_log (id INTEGER PRIMARY KEY, effects BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS grid_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS grid_dirty (
+    map TEXT NOT NULL,
+    key BLOB NOT NULL,
+    part INTEGER NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (map, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS grid_rejected (
+    map TEXT NOT NULL,
+    key BLOB NOT NULL,
+    gen INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (map, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS grid_listeners (
     map TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -54,6 +82,35 @@ _PUT = (
 )
 _DELETE = "DELETE FROM grid WHERE part = ? AND map = ? AND key = ?"
 _CLEAR = "DELETE FROM grid WHERE part = ? AND map = ?"
+_DIRTY = (
+    "INSERT INTO grid_dirty (map, key, part, gen) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (map, key) DO UPDATE SET gen = excluded.gen"
+)
+# Before a clear of a bridged map: everything it removes is dirty (deleted on flush).
+_DIRTY_CLEARED = (
+    "INSERT INTO grid_dirty (map, key, part, gen) SELECT map, key, part, ? FROM grid "
+    "WHERE part = ? AND map = ? ON CONFLICT (map, key) DO UPDATE SET gen = excluded.gen"
+)
+_NOT_REJECTED = (
+    "AND NOT EXISTS (SELECT 1 FROM grid_rejected r "
+    "WHERE r.map = d.map AND r.key = d.key AND r.gen = d.gen)"
+)
+_CLEAN = "DELETE FROM grid_dirty WHERE map = ? AND key = ? AND gen = ?"
+_UNREJECT = "DELETE FROM grid_rejected WHERE map = ? AND key = ?"
+_REJECT = "INSERT OR REPLACE INTO grid_rejected (map, key, gen, error, at) VALUES (?, ?, ?, ?, ?)"
+_COUNT_DIRTY = "SELECT map, count(*) FROM grid_dirty GROUP BY map"
+_COUNT_REJECTED = (
+    "SELECT r.map, count(*) FROM grid_rejected r JOIN grid_dirty d "
+    "ON d.map = r.map AND d.key = r.key AND d.gen = r.gen GROUP BY r.map"
+)
+_KNOWN = (
+    "SELECT 1 FROM grid WHERE part = ? AND map = ? AND key = ? "
+    "UNION ALL SELECT 1 FROM grid_dirty WHERE map = ? AND key = ?"
+)
+_NEXT_GEN = (
+    "INSERT INTO grid_meta VALUES ('dirty_gen', 1) ON CONFLICT (key) "
+    "DO UPDATE SET value = value + 1 RETURNING value"
+)
 
 RETRY_FIRST = 0.05
 RETRY_MAX = 2.0
@@ -88,10 +145,10 @@ def statements(effects: list[Op]) -> list[Statement]:
     return out
 
 
-def fold(db: sqlite3.Connection) -> int:
+def fold(db: sqlite3.Connection, bridged: AbstractSet[str] = frozenset()) -> int:
     """Apply every logged batch to ``grid``, in order, and empty the log; how many effects.
-    Runs on the store's thread: inside the store's transaction when it is a write, in one
-    of its own when a read calls it."""
+    Changes to the ``bridged`` maps are marked dirty. Runs on the store's thread: inside
+    the store's transaction when it is a write, in one of its own when a read calls it."""
     batches = db.execute("SELECT id, effects FROM grid_log ORDER BY id").fetchall()
     if not batches:
         return 0
@@ -114,7 +171,10 @@ def fold(db: sqlite3.Connection) -> int:
                     clears.append(op)
                 else:
                     latest[(op.part, op.map, op.key)] = op
-        for sql, params in statements(clears + list(latest.values())):  # type: ignore[misc]
+        changes = list(latest.values())
+        if bridged:
+            _mark_dirty(db, bridged, clears, changes)
+        for sql, params in statements(clears + changes):  # type: ignore[misc]
             db.executemany(sql, params)
         db.execute("DELETE FROM grid_log WHERE id <= ?", (batches[-1][0],))
         if own:
@@ -126,9 +186,23 @@ def fold(db: sqlite3.Connection) -> int:
     return count
 
 
+def _mark_dirty(
+    db: sqlite3.Connection, bridged: AbstractSet[str], clears: list[Op], changes: list[Op]
+) -> None:
+    clears = [op for op in clears if op.map in bridged]
+    changes = [op for op in changes if op.map in bridged]
+    if not (clears or changes):
+        return
+    gen = db.execute(_NEXT_GEN).fetchone()[0]
+    for op in clears:  # while grid still holds what they clear
+        db.execute(_DIRTY_CLEARED, (gen, op.part, op.map))
+    db.executemany(_DIRTY, [(op.map, op.key, op.part, gen) for op in changes])
+
+
 class Journal:
     def __init__(self, store: EmbeddedStore) -> None:
         self.store = store
+        self.bridged: frozenset[str] = frozenset()  # maps whose changes are marked dirty
         self.retries = 0
         self.unfolded = 0  # effects written to the log since the last fold was queued
         self.folds = 0
@@ -140,7 +214,7 @@ class Journal:
 
         def read(db: sqlite3.Connection) -> tuple[int | None, bool, list[tuple[str, str]]]:
             db.executescript(SCHEMA)
-            fold(db)
+            fold(db, self.bridged)
             row = db.execute("SELECT value FROM grid_meta WHERE key = 'partitions'").fetchone()
             has_entries = db.execute("SELECT 1 FROM grid LIMIT 1").fetchone() is not None
             return (
@@ -201,7 +275,7 @@ class Journal:
         if self.unfolded and not self.store.closed:
             self.unfolded = 0
             self.folds += 1
-            self._write([_fold_statement], _nothing, RETRY_FIRST)
+            self._write([self._fold_statement], _nothing, RETRY_FIRST)
 
     def close(self) -> None:
         if self._idle_fold is not None:
@@ -232,7 +306,7 @@ class Journal:
         """Every live entry of one partition, after every write queued so far."""
 
         def read(db: sqlite3.Connection) -> list[Row]:
-            fold(db)
+            fold(db, self.bridged)
             return db.execute(
                 "SELECT map, key, value, expires FROM grid WHERE part = ? "
                 "AND (expires = 0 OR expires > ?)",
@@ -241,9 +315,98 @@ class Journal:
 
         return await self.store.read(read)
 
+    # ------------------------------------------------------------ write-behind
+
+    async def dirty_page(
+        self, map_name: str, after: bytes | None, limit: int, retry_rejected: bool
+    ) -> list[Dirty]:
+        """Up to ``limit`` dirty entries of a map with keys after ``after``, in key order:
+        (key, generation, value or None for a delete). Entries set aside at their current
+        generation are left out unless ``retry_rejected``."""
+        skip = "" if retry_rejected else _NOT_REJECTED
+
+        def read(db: sqlite3.Connection) -> list[Dirty]:
+            fold(db, self.bridged)
+            now = time.time()
+            rows = db.execute(
+                "SELECT d.key, d.gen, g.value, g.expires FROM grid_dirty d LEFT JOIN grid g "
+                "ON g.part = d.part AND g.map = d.map AND g.key = d.key "
+                f"WHERE d.map = ? AND d.key > ? {skip} ORDER BY d.key LIMIT ?",
+                (map_name, after if after is not None else b"", limit),
+            ).fetchall()
+            # An entry past its expiry that the sweeper has not removed yet is gone.
+            return [
+                (key, gen, value if value is not None and not 0 < expires <= now else None)
+                for key, gen, value, expires in rows
+            ]
+
+        return await self.store.read(read)
+
+    async def dirty_counts(self) -> dict[str, tuple[int, int]]:
+        """Per map: (dirty entries, of which set aside at their current generation)."""
+
+        def read(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            fold(db, self.bridged)
+            counts = {m: (n, 0) for m, n in db.execute(_COUNT_DIRTY)}
+            for map_name, rejected in db.execute(_COUNT_REJECTED):
+                counts[map_name] = (counts.get(map_name, (0, 0))[0], rejected)
+            return counts
+
+        return await self.store.read(read)
+
+    async def rejected(self, limit: int = 1000) -> list[tuple[str, bytes, str, float]]:
+        """Entries set aside: (map, key, error, when), the most recent first."""
+
+        def read(db: sqlite3.Connection) -> list[tuple[str, bytes, str, float]]:
+            return db.execute(
+                "SELECT r.map, r.key, r.error, r.at FROM grid_rejected r JOIN grid_dirty d "
+                "ON d.map = r.map AND d.key = r.key AND d.gen = r.gen ORDER BY r.at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+
+        return await self.store.read(read)
+
+    async def cleaned(self, map_name: str, written: list[tuple[bytes, int]]) -> None:
+        """These (key, generation) reached the bridge: clean each still at that generation."""
+        await self._commit(
+            [
+                (_CLEAN, [(map_name, key, gen) for key, gen in written]),
+                (_UNREJECT, [(map_name, key) for key, _ in written]),
+            ]
+        )
+
+    async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None:
+        await self._commit([(_REJECT, (map_name, key, gen, error, time.time()))])
+
+    async def add_loaded(
+        self, part_of: Callable[[bytes], int], map_name: str, entries: list[tuple[bytes, bytes]]
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Entries loaded from a bridge, clean; a key the journal holds (or has deleted and
+        not flushed yet) keeps the journal's version. What went in: (part, key, value)."""
+
+        def write(db: sqlite3.Connection) -> list[tuple[int, bytes, bytes]]:
+            fold(db, self.bridged)
+            added = []
+            db.execute("BEGIN")
+            try:
+                for key, value in entries:
+                    part = part_of(key)
+                    known = db.execute(_KNOWN, (part, map_name, key, map_name, key)).fetchone()
+                    if known is None:
+                        db.execute(_PUT, (part, map_name, key, value, 0.0))
+                        added.append((part, key, value))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return added
+
+        return await self.store.read(write)
+
     async def load_all(self) -> dict[int, list[Row]]:
         def read(db: sqlite3.Connection) -> dict[int, list[Row]]:
-            fold(db)
+            fold(db, self.bridged)
             parts: dict[int, list[Row]] = {}
             for part, *row in db.execute("SELECT part, map, key, value, expires FROM grid"):
                 parts.setdefault(part, []).append(tuple(row))
@@ -251,10 +414,9 @@ class Journal:
 
         return await self.store.read(read)
 
+    def _fold_statement(self, db: sqlite3.Connection) -> None:
+        fold(db, self.bridged)
+
 
 def _nothing() -> None:
     pass
-
-
-def _fold_statement(db: sqlite3.Connection) -> None:
-    fold(db)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +12,7 @@ import msgspec
 
 from ..errors import ConfigError
 from ..protocol.frames import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FRAME, DEFAULT_MAX_PAYLOAD
+from ..storage.bridge import BridgeSettings, MapBridge
 from ..transport.endpoints import DEFAULT_PORT
 from .auth import Principal
 
@@ -28,6 +30,8 @@ class SettingProblems(ConfigError):
 
 
 SECRETS = frozenset({"tokens", "metrics_token"})  # never shown by repr()
+TABLES = frozenset({"principals", "bridges", "maps"})  # TOML only, no environment variable
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -39,6 +43,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             name: ("<hidden>" if name in SECRETS and value else value)
             for name, value in msgspec.structs.asdict(self).items()
         }
+        shown["bridges"] = {name: hide_password(b.url) for name, b in self.bridges.items()}
         return "ServiceConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     host: str = "127.0.0.1"
@@ -86,6 +91,12 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # backups per partition among the holding endings.
     grid_partitions: int = 271
     grid_backups: int = 1
+    # Database bridges by name ([bridges.NAME]: url, batch, retries...) and the maps written
+    # to them ([maps.NAME]: bridge, table, mode, type, key, load). Written on flush and on
+    # close; also every flush_interval seconds when that is > 0.
+    bridges: dict[str, BridgeSettings] = {}
+    maps: dict[str, MapBridge] = {}
+    flush_interval: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -124,6 +135,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             problems.append("grid_partitions must be between 1 and 65536")
         if not 0 <= self.grid_backups <= 6:
             problems.append("grid_backups must be between 0 and 6")
+        problems.extend(_bridge_problems(self))
         if self.max_connections < 1:
             problems.append("max_connections must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -134,6 +146,33 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             problems.append("tls_client_cert_required needs tls_client_ca to verify them with")
         if problems:
             raise SettingProblems(problems)
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password (if any) replaced by ***."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+
+
+def _bridge_problems(config: ServiceConfig) -> list[str]:
+    problems = []
+    if config.flush_interval < 0:
+        problems.append(
+            "flush_interval must be >= 0 seconds (0: flush only when asked and on close)"
+        )
+    for name, bridge in config.bridges.items():
+        if bridge.batch < 1 or bridge.retries < 1:
+            problems.append(f"bridges.{name}: batch and retries must be at least 1")
+        if not 0 < bridge.retry_delay <= bridge.retry_max_delay:
+            problems.append(f"bridges.{name}: retry_delay must be > 0 and <= retry_max_delay")
+        if bridge.connect_timeout <= 0:
+            problems.append(f"bridges.{name}: connect_timeout must be > 0 seconds")
+    for name, spec in config.maps.items():
+        if spec.bridge not in config.bridges:
+            known = ", ".join(sorted(config.bridges)) or "none is configured"
+            problems.append(
+                f"maps.{name}.bridge = {spec.bridge!r} names no [bridges.{spec.bridge}] ({known})"
+            )
+    return problems
 
 
 def exposure_problem(host: str, allow_open: bool, secured: bool) -> str | None:
@@ -157,8 +196,8 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     environ = dict(os.environ if environ is None else environ)
     found: dict[str, Any] = {}
     for name in _fields():
-        if name == "principals":
-            continue  # a table: TOML only
+        if name in TABLES:
+            continue
         value = environ.get(ENV_PREFIX + name.upper())
         if value is not None:
             found[name] = [t for t in value.split(",") if t] if name == "tokens" else value

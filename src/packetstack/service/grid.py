@@ -26,9 +26,11 @@ from ..grid.messages import (
     send_outcomes,
 )
 from ..grid.ops import READS, Op, Outcome, PartitionData, op_size, repeatable
+from ..grid.writebehind import FlushReport
 from ..protocol import SERVICE_NAME, Flag, PacketHeader, PacketReceived
 from ..storage import EmbeddedStore
 from .auth import ANYTHING, Principal
+from .bridges import ServiceBridges
 
 if TYPE_CHECKING:
     from ..transport import Link
@@ -60,13 +62,21 @@ class ServiceGrid(GridFront):
         self._held: set[Link] = set()  # clients not read meanwhile
         # Answers to requests that must not run twice, by ending and request id.
         self._answers: dict[str, OrderedDict[int, list[Outcome] | None]] = {}
+        self.bridges = ServiceBridges(cfg, self.coordinator.journal, service.stats)
         self._install()
 
     async def open(self) -> None:
-        await self.coordinator.open()
+        await self.bridges.open()
+        try:
+            await self.coordinator.open(self.bridges.preload)
+        except BaseException:
+            await self.bridges.close_stores()
+            raise
 
-    async def close(self) -> None:
+    async def close(self) -> FlushReport | None:
+        """Stop the grid, then the last flush of the bridged maps; its report."""
         await self.coordinator.close()
+        return await self.bridges.close()
 
     # ------------------------------------------------------------- sessions
 

@@ -25,6 +25,7 @@ from ..errors import (
     MailboxFull,
     PayloadTooLarge,
 )
+from ..grid.writebehind import FlushReport, Progress
 from ..notices import Expired
 from ..peer import Peer
 from ..protocol import (
@@ -132,6 +133,7 @@ class Service(Peer):
         self.port: int = cfg.port
         self._background: set[asyncio.Task[None]] = set()
         self.metrics: MetricsServer | None = None  # while serving /metrics (metrics_port)
+        self.last_flush: FlushReport | None = None  # of close()
         install_admin(self)
 
     # ------------------------------------------------------------ lifecycle
@@ -203,8 +205,23 @@ class Service(Peer):
         scheme = "pss" if self._ssl is not None else "ps"
         return f"{scheme}://{self.config.host}:{self.port}"
 
-    async def close(self) -> None:
-        """Stop listening, say goodbye to every ending (GOING_AWAY) and wait for them."""
+    async def flush(
+        self,
+        map: str | None = None,
+        *,
+        retry_rejected: bool = False,
+        progress: Progress | None = None,
+    ) -> FlushReport:
+        """Write every dirty entry of the bridged maps (or of ``map``) to their databases,
+        while traffic goes on; entries set aside earlier are tried again only with
+        ``retry_rejected``. ``progress(map, done, total)`` is called after each batch.
+        Returns what was written, set aside and left dirty (a database that could not be
+        reached after its retries leaves its entries dirty for the next flush)."""
+        return await self.grid.bridges.flush(map, retry_rejected=retry_rejected, progress=progress)
+
+    async def close(self) -> FlushReport | None:
+        """Stop listening, say goodbye to every ending (GOING_AWAY) and wait for them; then
+        flush the bridged maps (the report is returned and kept in ``last_flush``)."""
         if self.metrics is not None:
             await self.metrics.close()
             self.metrics = None
@@ -223,13 +240,14 @@ class Service(Peer):
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        await self.grid.close()
+        self.last_flush = await self.grid.close()
         await self.mailboxes.close()  # every in-flight packet is in a mailbox before this ends
         if self.config.unix_path is not None:
             # Python 3.11's loop leaves the socket file behind; the next start would reuse it
             # anyway, but a stale file misleads anyone looking.
             Path(self.config.unix_path).unlink(missing_ok=True)
         self._pending.fail_all(_service_closed())
+        return self.last_flush
 
     def _new_link(self) -> Link:
         cfg = self.config
@@ -720,6 +738,7 @@ class Service(Peer):
             "packets_in_by_tag": dict(self.packets_in_by_tag),
             "stats": dict(self.stats),
             "grid": self.grid.coordinator.snapshot(),
+            "bridges": self.grid.bridges.snapshot(),
             "store": {
                 "path": str(mailboxes.store.path),
                 "commits": mailboxes.store.commits,

@@ -1,5 +1,33 @@
-"""Storage: the embedded store (SQLite in the data directory)."""
+"""Storage: the embedded store (SQLite in the data directory) and the database bridges."""
 
+from .bridge import BridgeSettings, Entry, EntryCodec, MapBridge, MapSpec, Store, resolve
 from .embedded import Done, EmbeddedStore, Statement, Synchronous
 
-__all__ = ["Done", "EmbeddedStore", "Statement", "Synchronous"]
+
+def make_store(name: str, settings: BridgeSettings) -> Store:
+    """The bridge for ``settings.url``: MongoDB for mongodb:// URLs, SQL for the rest.
+    Imports the driver only when a bridge uses it (ConfigError naming the extra to
+    install when it is missing)."""
+    if settings.url.startswith(("mongodb://", "mongodb+srv://")):
+        from .mongo import MongoStore
+
+        return MongoStore(name, settings)
+    from .sql import SQLStore
+
+    return SQLStore(name, settings)
+
+
+__all__ = [
+    "BridgeSettings",
+    "Done",
+    "EmbeddedStore",
+    "Entry",
+    "EntryCodec",
+    "MapBridge",
+    "MapSpec",
+    "Statement",
+    "Store",
+    "Synchronous",
+    "make_store",
+    "resolve",
+]

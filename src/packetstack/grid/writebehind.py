@@ -1,0 +1,237 @@
+"""Write-behind: the grid's bridged maps written to their databases on flush.
+
+Nothing touches a bridge on a put. A flush (an operator's, the service's close, or the
+optional interval) reads the dirty entries from the journal page by page (the next page is
+read while this one is written), writes them in batches, and cleans each key only if it
+did not change meanwhile (see journal.py). A batch the database cannot take now is retried
+with exponential backoff up to the bridge's limit; after that the flush of that bridge
+stops and its entries stay dirty for the next one. A batch the database refuses is split
+in halves until the entries at fault are alone; each is set aside with its error and the
+rest go in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import msgspec
+
+from ..errors import BridgeRejected, BridgeUnavailable, ConfigError
+from ..storage.bridge import BridgeSettings, Entry, MapSpec, Store
+from .journal import Dirty, Journal
+
+log = logging.getLogger("packetstack.bridge")
+
+PAGES_AHEAD = 4  # batches per journal read
+Progress = Callable[[str, int, int], None]  # (map, entries done, entries dirty at start)
+
+
+class MapFlush(msgspec.Struct, kw_only=True):
+    """What one flush did to one map."""
+
+    map: str
+    bridge: str
+    written: int = 0  # upserts that reached the database
+    deleted: int = 0
+    set_aside: int = 0  # refused by the database, kept dirty with their error
+    failed: int = 0  # still dirty: the database could not be reached
+    error: str = ""
+
+
+class FlushReport(msgspec.Struct, kw_only=True):
+    """The outcome of :meth:`Service.flush`: per map, and how long it took."""
+
+    maps: list[MapFlush] = []
+    seconds: float = 0.0
+
+    @property
+    def written(self) -> int:
+        return sum(m.written for m in self.maps)
+
+    @property
+    def deleted(self) -> int:
+        return sum(m.deleted for m in self.maps)
+
+    @property
+    def set_aside(self) -> int:
+        return sum(m.set_aside for m in self.maps)
+
+    @property
+    def failed(self) -> int:
+        return sum(m.failed for m in self.maps)
+
+    @property
+    def ok(self) -> bool:
+        """Everything dirty reached its database (none failed, none set aside)."""
+        return not any(m.failed or m.set_aside or m.error for m in self.maps)
+
+
+class Bridged(msgspec.Struct):
+    """A map with a bridge: its spec, its store's name, the store's settings."""
+
+    spec: MapSpec
+    bridge: str
+    settings: BridgeSettings
+
+
+class Sleep(Protocol):
+    def __call__(self, delay: float, /) -> Awaitable[None]: ...
+
+
+class WriteBehind:
+    def __init__(
+        self,
+        journal: Journal,
+        stores: dict[str, Store],
+        maps: dict[str, Bridged],
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.journal = journal
+        self.stores = stores
+        self.maps = maps
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        self.flushes = 0
+        self.retries = 0
+        self.running: dict[str, tuple[int, int]] = {}  # map -> (done, total) while flushing
+        self.last: FlushReport | None = None
+        self.dirty: dict[str, tuple[int, int]] = {}  # map -> (dirty, set aside), last count
+
+    async def flush(
+        self,
+        map_name: str | None = None,
+        *,
+        retry_rejected: bool = False,
+        progress: Progress | None = None,
+    ) -> FlushReport:
+        """Write every dirty entry (of one map, or all); one flush runs at a time."""
+        if map_name is not None and map_name not in self.maps:
+            raise ConfigError(
+                f"map {map_name!r} has no bridge: configure [maps.{map_name}] with a bridge, "
+                f"or flush one of {sorted(self.maps)}"
+            )
+        names = [map_name] if map_name is not None else list(self.maps)
+        async with self._lock:
+            started = time.monotonic()
+            self.dirty = await self.journal.dirty_counts()
+            report = FlushReport()
+            down: dict[str, str] = {}  # bridges that failed in this flush: why
+            for name in names:
+                bridged = self.maps[name]
+                result = MapFlush(map=name, bridge=bridged.bridge)
+                report.maps.append(result)
+                total = self.dirty.get(name, (0, 0))[0]
+                if bridged.bridge in down:
+                    result.error = down[bridged.bridge]
+                    continue
+                try:
+                    await self._flush_map(bridged, result, total, retry_rejected, progress)
+                except BridgeUnavailable as exc:
+                    down[bridged.bridge] = result.error = str(exc)
+                    log.error(
+                        "flush of map %s stopped: %s; its entries stay dirty for the next flush",
+                        name,
+                        exc,
+                    )
+                finally:
+                    self.running.pop(name, None)
+            self.dirty = await self.journal.dirty_counts()
+            for result in report.maps:
+                if result.error:  # what is left behind, now that the cleaning is committed
+                    dirty, set_aside = self.dirty.get(result.map, (0, 0))
+                    result.failed = dirty - set_aside
+            report.seconds = time.monotonic() - started
+            self.flushes += 1
+            self.last = report
+            return report
+
+    async def _flush_map(
+        self,
+        bridged: Bridged,
+        result: MapFlush,
+        total: int,
+        retry_rejected: bool,
+        progress: Progress | None,
+    ) -> None:
+        name = bridged.spec.name
+        page_size = bridged.settings.batch * PAGES_AHEAD
+        store = self.stores[bridged.bridge]
+        self.running[name] = (0, total)
+        cleaning: list[Awaitable[None]] = []
+        done = 0
+        page = await self.journal.dirty_page(name, None, page_size, retry_rejected)
+        while page:
+            ahead = asyncio.ensure_future(
+                self.journal.dirty_page(name, page[-1][0], page_size, retry_rejected)
+            )
+            try:
+                for start in range(0, len(page), bridged.settings.batch):
+                    batch = page[start : start + bridged.settings.batch]
+                    await self._write(store, bridged, batch, result, cleaning)
+                    done += len(batch)
+                    self.running[name] = (done, max(total, done))
+                    if progress is not None:
+                        progress(name, done, max(total, done))
+            except BaseException:
+                ahead.cancel()
+                await asyncio.gather(ahead, *cleaning, return_exceptions=True)
+                raise
+            page = await ahead
+        await asyncio.gather(*cleaning)
+
+    async def _write(
+        self,
+        store: Store,
+        bridged: Bridged,
+        batch: list[Dirty],
+        result: MapFlush,
+        cleaning: list[Awaitable[None]],
+    ) -> None:
+        upserts: list[Entry] = [(key, value) for key, _, value in batch if value is not None]
+        deletes = [key for key, _, value in batch if value is None]
+        name = bridged.spec.name
+        try:
+            await self._retrying(bridged, lambda: store.write(name, upserts, deletes))
+        except BridgeRejected as exc:
+            if len(batch) == 1:
+                key, gen, _ = batch[0]
+                result.set_aside += 1
+                log.warning("flush of map %s: entry set aside: %s", name, exc)
+                await self.journal.set_aside(name, key, gen, str(exc))
+                return
+            half = len(batch) // 2
+            await self._write(store, bridged, batch[:half], result, cleaning)
+            await self._write(store, bridged, batch[half:], result, cleaning)
+            return
+        result.written += len(upserts)
+        result.deleted += len(deletes)
+        # Cleaning commits in the store's next group commit; the flush goes on meanwhile.
+        cleaning.append(
+            asyncio.ensure_future(self.journal.cleaned(name, [(k, g) for k, g, _ in batch]))
+        )
+
+    async def _retrying(self, bridged: Bridged, attempt: Callable[[], Awaitable[None]]) -> None:
+        settings = bridged.settings
+        delay = settings.retry_delay
+        for tries in range(1, settings.retries + 1):
+            try:
+                await attempt()
+                return
+            except BridgeUnavailable as exc:
+                if tries == settings.retries:
+                    raise BridgeUnavailable(f"{exc} (gave up after {tries} attempts)") from exc
+                self.retries += 1
+                log.warning(
+                    "bridge %s: %s; attempt %d of %d in %.1f s",
+                    bridged.bridge,
+                    exc,
+                    tries + 1,
+                    settings.retries,
+                    delay,
+                )
+                await self._sleep(delay)
+                delay = min(settings.retry_max_delay, delay * 2)

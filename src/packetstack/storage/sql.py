@@ -1,0 +1,401 @@
+"""The SQL bridge: PostgreSQL (asyncpg), MariaDB/MySQL (asyncmy) and SQLite (aiosqlite)
+through SQLAlchemy 2's async engine, chosen by the URL.
+
+Per map a table: in the document mode a key column and a JSON (JSONB) value column; in the
+typed mode the key column and one column per field of the map's Struct, with SQL types that
+round-trip every codec type (see ``_column``). Missing tables are created; an existing table
+whose columns do not fit is refused at open() with BridgeSchemaError naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import logging
+import types
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union, get_args, get_origin
+
+import msgspec
+
+from ..errors import BridgeRejected, BridgeSchemaError, BridgeUnavailable, ConfigError
+from .bridge import BridgeSettings, Entry, EntryCodec, MapSpec
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+    from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+except ImportError as missing:  # pragma: no cover - depends on the installed extras
+    raise ConfigError(
+        f"the SQL bridge needs SQLAlchemy and a driver ({missing}): "
+        "pip install 'packetstack[postgres]', '[mysql]' or '[sqlite]'"
+    ) from missing
+
+log = logging.getLogger("packetstack.bridge")
+
+_UTC = datetime.UTC
+Convert = Callable[[Any], Any]
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a typed table: its SQL type and the conversions on the way in/out."""
+
+    name: str
+    type: sa.types.TypeEngine[Any]
+    nullable: bool
+    to_db: Convert = _same
+    from_db: Convert = _same
+    category: str = ""  # what the column must hold, to check an existing table
+
+
+class SQLStore:
+    """``SQLStore(name, settings)``: one database, ``open(maps)`` before use."""
+
+    def __init__(self, name: str, settings: BridgeSettings) -> None:
+        self.name = name
+        self.settings = settings
+        try:
+            url = sa.make_url(settings.url)
+        except sa_exc.ArgumentError as exc:
+            raise ConfigError(f"bridges.{name}.url is not a database URL: {exc}") from exc
+        self.url = url
+        self.shown_url = url.render_as_string(hide_password=True)
+        self.dialect = url.get_backend_name()
+        if self.dialect == "mariadb":
+            self.dialect = "mysql"
+        if self.dialect not in ("postgresql", "mysql", "sqlite"):
+            raise ConfigError(
+                f"bridges.{name}.url: {self.dialect!r} is not a supported SQL database "
+                "(postgresql+asyncpg, mysql+asyncmy or mariadb+asyncmy, sqlite+aiosqlite)"
+            )
+        self._engine: AsyncEngine | None = None
+        self._maps: dict[str, _Table] = {}
+
+    def _create_engine(self) -> AsyncEngine:
+        timeout = self.settings.connect_timeout
+        connect_args: dict[str, Any] = {}
+        if self.dialect == "postgresql":
+            connect_args["timeout"] = timeout
+        elif self.dialect == "mysql":
+            connect_args["connect_timeout"] = int(max(1, timeout))
+        try:
+            return create_async_engine(
+                self.url,
+                connect_args=connect_args,
+                json_serializer=_json_dumps,
+                json_deserializer=msgspec.json.decode,
+                pool_pre_ping=True,
+            )
+        except (ImportError, sa_exc.ArgumentError) as exc:
+            raise ConfigError(
+                f"bridges.{self.name}.url {self.shown_url}: {exc} (install the driver: "
+                "pip install 'packetstack[postgres]', '[mysql]' or '[sqlite]')"
+            ) from exc
+
+    async def open(self, maps: Sequence[MapSpec]) -> None:
+        self._engine = self._create_engine()
+        metadata = sa.MetaData()
+        for spec in maps:
+            self._maps[spec.name] = _Table(spec, metadata, self.dialect)
+        try:
+            async with self._engine.begin() as conn:
+                for table in self._maps.values():
+                    await conn.run_sync(table.create_or_check, self.name)
+        except BridgeSchemaError:
+            raise
+        except Exception as exc:
+            raise _classified(exc, f"bridge {self.name!r} ({self.shown_url})") from exc
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    def _table(self, map_name: str) -> _Table:
+        return self._maps[map_name]
+
+    async def write(
+        self, map_name: str, upserts: Sequence[Entry], deletes: Sequence[bytes]
+    ) -> None:
+        table = self._table(map_name)
+        rows = [table.row(key, value) for key, value in upserts]
+        keys = [table.codec.key(key) for key in deletes]
+        assert self._engine is not None, "open() the bridge first"
+        try:
+            async with self._engine.begin() as conn:
+                if rows:
+                    await conn.execute(table.upsert, rows)
+                if keys:
+                    await conn.execute(table.delete_where(keys))
+        except Exception as exc:
+            raise _classified(exc, f"writing map {map_name!r} to bridge {self.name!r}") from exc
+
+    async def load(self, map_name: str, key: bytes) -> bytes | None:
+        return (await self.load_many(map_name, [key])).get(key)
+
+    async def load_many(self, map_name: str, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        table = self._table(map_name)
+        wanted = [table.codec.key(key) for key in keys]
+        query = sa.select(*table.columns).where(table.key_column.in_(wanted))
+        return dict(await self._rows(table, query, map_name))
+
+    async def iterate(self, map_name: str, batch: int = 1000) -> AsyncIterator[list[Entry]]:
+        """Every row in key order, ``batch`` rows per query (keyset pagination: no long
+        transaction, no server-side cursor)."""
+        table = self._table(map_name)
+        query = sa.select(*table.columns).order_by(table.key_column).limit(batch)
+        last: Any = None
+        while True:
+            page = query if last is None else query.where(table.key_column > last)
+            raw = await self._raw_rows(page, map_name)
+            if not raw:
+                return
+            last = raw[-1][0]
+            yield [table.entry(row) for row in raw]
+            if len(raw) < batch:
+                return
+
+    async def _rows(self, table: _Table, query: sa.Select[Any], map_name: str) -> list[Entry]:
+        return [table.entry(row) for row in await self._raw_rows(query, map_name)]
+
+    async def _raw_rows(self, query: sa.Select[Any], map_name: str) -> Sequence[sa.Row[Any]]:
+        assert self._engine is not None, "open() the bridge first"
+        try:
+            async with self._engine.connect() as conn:
+                rows: Sequence[sa.Row[Any]] = (await conn.execute(query)).all()
+                return rows
+        except Exception as exc:
+            raise _classified(exc, f"reading map {map_name!r} from bridge {self.name!r}") from exc
+
+
+class _Table:
+    """One map's table, its statements and its row conversions."""
+
+    def __init__(self, spec: MapSpec, metadata: sa.MetaData, dialect: str) -> None:
+        self.spec = spec
+        self.codec = EntryCodec(spec)
+        self.dialect = dialect
+        key = Column(spec.key_column, _key_type(spec, dialect), False, category=_key_category(spec))
+        if spec.mode == "typed":
+            assert spec.value_type is not None
+            fields = [_column(f, dialect) for f in msgspec.structs.fields(spec.value_type)]
+            clash = [f.name for f in fields if f.name == spec.key_column]
+            if clash:
+                raise ConfigError(
+                    f"maps.{spec.name}: the Struct has a field named {spec.key_column!r}, "
+                    "the key column's name: set key_column to another name"
+                )
+        else:
+            fields = [Column(spec.value_column, _json_type(), False, category="json")]
+        self.fields = fields
+        self.expected = [key, *fields]
+        self.table = sa.Table(
+            spec.table,
+            metadata,
+            sa.Column(key.name, key.type, primary_key=True, autoincrement=False),
+            *(sa.Column(c.name, c.type, nullable=c.nullable) for c in fields),
+        )
+        self.key_column = self.table.c[spec.key_column]
+        self.columns = [self.table.c[c.name] for c in self.expected]
+        self.upsert = self._upsert_statement()
+
+    def _upsert_statement(self) -> Any:
+        names = [c.name for c in self.fields]
+        if self.dialect == "mysql":
+            on_duplicate = mysql.insert(self.table)
+            return on_duplicate.on_duplicate_key_update(
+                {n: on_duplicate.inserted[n] for n in names}
+            )
+        # PostgreSQL and SQLite spell the upsert the same way.
+        on_conflict = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(
+            self.table
+        )
+        return on_conflict.on_conflict_do_update(
+            index_elements=[self.spec.key_column],
+            set_={n: on_conflict.excluded[n] for n in names},
+        )
+
+    def delete_where(self, keys: list[Any]) -> sa.Delete:
+        return sa.delete(self.table).where(self.key_column.in_(keys))
+
+    def row(self, key: bytes, value: bytes) -> dict[str, Any]:
+        row: dict[str, Any] = {self.spec.key_column: self.codec.key(key)}
+        if self.spec.mode == "document":
+            row[self.spec.value_column] = self.codec.builtins(value)
+            return row
+        decoded = self.codec.value(value)
+        for column in self.fields:
+            field = getattr(decoded, column.name)
+            row[column.name] = None if field is None else column.to_db(field)
+        return row
+
+    def entry(self, row: sa.Row[Any]) -> Entry:
+        values: tuple[Any, ...] = tuple(row)
+        key = self.codec.encoded_key(values[0])
+        if self.spec.mode == "document":
+            return key, self.codec.encoded_value(values[1])
+        fields = {
+            column.name: None if raw is None else column.from_db(raw)
+            for column, raw in zip(self.fields, values[1:], strict=True)
+        }
+        return key, self.codec.encoded_value(fields)
+
+    def create_or_check(self, conn: sa.Connection, bridge: str) -> None:
+        """Runs in SQLAlchemy's sync shim: create the table, or check the one there."""
+        inspector = sa.inspect(conn)
+        if not inspector.has_table(self.spec.table):
+            self.table.create(conn)
+            log.info(
+                "bridge %s: created table %s for map %s", bridge, self.spec.table, self.spec.name
+            )
+            return
+        found = {c["name"]: c for c in inspector.get_columns(self.spec.table)}
+        problems = []
+        for column in self.expected:
+            have = found.pop(column.name, None)
+            if have is None:
+                problems.append(f"column {column.name!r} is missing")
+            elif not _fits(have["type"], column.category):
+                problems.append(
+                    f"column {column.name!r} is {have['type']} but must hold {column.category}"
+                )
+        for name, extra in found.items():
+            if not extra["nullable"] and extra.get("default") is None:
+                problems.append(f"column {name!r} is NOT NULL without a default and not in the map")
+        primary = inspector.get_pk_constraint(self.spec.table).get("constrained_columns") or []
+        if primary != [self.spec.key_column]:
+            problems.append(f"the primary key is {primary}, not [{self.spec.key_column!r}]")
+        if problems:
+            raise BridgeSchemaError(
+                f"bridge {bridge!r}: table {self.spec.table!r} does not fit map "
+                f"{self.spec.name!r}: " + "; ".join(problems) + ". Alter the table, drop it "
+                f"to let PacketStack create it, or set maps.{self.spec.name}.table to another"
+            )
+
+
+def _classified(exc: BaseException, doing: str) -> Exception:
+    """BridgeRejected for errors in the data, BridgeUnavailable for everything else."""
+    if isinstance(exc, BridgeRejected | BridgeUnavailable):
+        return exc
+    if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError) or (
+        isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError)
+    ):
+        return BridgeRejected(f"{doing}: the database refused the data: {_short(exc)}")
+    return BridgeUnavailable(f"{doing}: {_short(exc)}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# ------------------------------------------------------------------ types
+
+
+def _json_type() -> sa.types.TypeEngine[Any]:
+    return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def _key_type(spec: MapSpec, dialect: str) -> sa.types.TypeEngine[Any]:
+    if spec.key == "int":
+        return sa.BigInteger()
+    if spec.key == "bytes":
+        return sa.LargeBinary().with_variant(mysql.VARBINARY(255), "mysql", "mariadb")
+    # MySQL cannot index TEXT without a length: keys there are up to 255 characters.
+    return sa.Text().with_variant(sa.String(255), "mysql", "mariadb")
+
+
+def _key_category(spec: MapSpec) -> str:
+    return {"int": "int", "bytes": "bytes"}.get(spec.key, "str")
+
+
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if get_origin(kind) in (Union, types.UnionType):
+        args = [a for a in get_args(kind) if a is not type(None)]
+        if len(args) < len(get_args(kind)):
+            return (args[0] if len(args) == 1 else Union[tuple(args)]), True  # noqa: UP007
+    return kind, kind is None or kind is type(None)
+
+
+def _column(field: msgspec.structs.FieldInfo, dialect: str) -> Column:
+    kind, nullable = _optional(field.type)
+    info = msgspec.inspect.type_info(kind)
+    name = field.name
+    # bool before int: bool is an int subclass in Python, not in SQL.
+    if isinstance(info, msgspec.inspect.BoolType):
+        return Column(name, sa.Boolean(), nullable, from_db=bool, category="bool")
+    if isinstance(info, msgspec.inspect.IntType):
+        return Column(name, sa.BigInteger(), nullable, category="int")
+    if isinstance(info, msgspec.inspect.FloatType):
+        return Column(name, sa.Double(), nullable, category="float")
+    if isinstance(info, msgspec.inspect.StrType):
+        sql: sa.types.TypeEngine[Any] = (
+            sa.String(info.max_length) if info.max_length is not None else sa.Text()
+        )
+        return Column(name, sql, nullable, category="str")
+    if isinstance(info, msgspec.inspect.BytesType | msgspec.inspect.ByteArrayType):
+        sql = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+        return Column(name, sql, nullable, from_db=bytes, category="bytes")
+    if isinstance(info, msgspec.inspect.DateTimeType):
+        return _datetime_column(name, nullable, info.tz is True, dialect)
+    if isinstance(info, msgspec.inspect.DateType):
+        return Column(name, sa.Date(), nullable, category="date")
+    if isinstance(info, msgspec.inspect.TimeType):
+        sql = sa.Time().with_variant(mysql.TIME(fsp=6), "mysql", "mariadb")
+        return Column(name, sql, nullable, category="time")
+    if isinstance(info, msgspec.inspect.DecimalType):
+        if dialect == "postgresql":
+            return Column(name, sa.Numeric(), nullable, category="numeric")
+        # NUMERIC elsewhere has a fixed scale (MySQL) or is a float (SQLite): exact as text.
+        return Column(name, sa.String(100), nullable, str, decimal.Decimal, category="str")
+    if isinstance(info, msgspec.inspect.UUIDType):
+        return Column(name, sa.Uuid(), nullable, category="uuid")
+    return Column(name, _json_type(), nullable, msgspec.to_builtins, category="json")
+
+
+def _datetime_column(name: str, nullable: bool, aware: bool, dialect: str) -> Column:
+    if dialect == "postgresql" and aware:
+        return Column(name, sa.DateTime(timezone=True), nullable, category="datetime")
+    # Elsewhere the column keeps no zone: aware values go in as UTC and come back as UTC.
+    sql = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+    def to_db(value: datetime.datetime) -> datetime.datetime:
+        if value.tzinfo is None:
+            return value
+        return value.astimezone(_UTC).replace(tzinfo=None)
+
+    def from_db(value: datetime.datetime) -> datetime.datetime:
+        return value.replace(tzinfo=_UTC) if aware and value.tzinfo is None else value
+
+    return Column(name, sql, nullable, to_db, from_db, category="datetime")
+
+
+_CATEGORIES: dict[str, tuple[type[Any], ...]] = {
+    "int": (sa.Integer,),
+    "bool": (sa.Boolean, sa.Integer),  # MySQL's BOOLEAN is TINYINT(1)
+    "float": (sa.Float, sa.Numeric),
+    "str": (sa.String,),
+    "bytes": (sa.LargeBinary, sa.types._Binary),
+    "datetime": (sa.DateTime,),
+    "date": (sa.Date,),
+    "time": (sa.Time,),
+    "numeric": (sa.Numeric,),
+    "uuid": (sa.Uuid, sa.String),
+    "json": (sa.JSON, sa.String),  # MariaDB's JSON is LONGTEXT with a check
+}
+
+
+def _fits(found: sa.types.TypeEngine[Any], category: str) -> bool:
+    return isinstance(found, _CATEGORIES[category])
