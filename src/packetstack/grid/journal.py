@@ -231,7 +231,7 @@ class Journal:
                     f"{self.store.path} was written with {written_with}: set grid_partitions "
                     f"= {written_with}, or start from an empty grid (docs/OPERATIONS.md)"
                 )
-            await self._commit(
+            await self.commit(
                 [("INSERT OR REPLACE INTO grid_meta VALUES ('partitions', ?)", (partitions,))]
             )
         by_map: dict[str, set[str]] = {}
@@ -245,9 +245,10 @@ class Journal:
             sql = "INSERT OR IGNORE INTO grid_listeners VALUES (?, ?)"
         else:
             sql = "DELETE FROM grid_listeners WHERE map = ? AND name = ?"
-        await self._commit([(sql, (map_name, name))])
+        await self.commit([(sql, (map_name, name))])
 
-    async def _commit(self, statements: list[Statement]) -> None:
+    async def commit(self, statements: list[Statement]) -> None:
+        """Commit ``statements`` (retried until they go in)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def done() -> None:
@@ -368,7 +369,7 @@ class Journal:
 
     async def cleaned(self, map_name: str, written: list[tuple[bytes, int]]) -> None:
         """These (key, generation) reached the bridge: clean each still at that generation."""
-        await self._commit(
+        await self.commit(
             [
                 (_CLEAN, [(map_name, key, gen) for key, gen in written]),
                 (_UNREJECT, [(map_name, key) for key, _ in written]),
@@ -376,7 +377,7 @@ class Journal:
         )
 
     async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None:
-        await self._commit([(_REJECT, (map_name, key, gen, error, time.time()))])
+        await self.commit([(_REJECT, (map_name, key, gen, error, time.time()))])
 
     async def add_loaded(
         self, part_of: Callable[[bytes], int], map_name: str, entries: list[tuple[bytes, bytes]]
