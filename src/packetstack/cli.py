@@ -1,4 +1,4 @@
-"""Command line: ``packetstack serve | demo | config check | status``."""
+"""Command line: ``packetstack serve | demo | config check | status | flush``."""
 
 from __future__ import annotations
 
@@ -126,6 +126,36 @@ def status(url: str, token: str | None, watch: float | None, name: str | None, *
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         pass  # --watch ends with Ctrl-C
+
+
+@main.command()
+@click.option("--url", default="ps://127.0.0.1:7400", show_default=True, help="The service.")
+@click.option("--token", help="A token whose principal has flush = true (or admin = true).")
+@click.option("--map", "map_name", help="Flush only this map [every bridged map].")
+@click.option(
+    "--retry-rejected", is_flag=True, help="Also retry entries set aside by earlier flushes."
+)
+@click.option("--name", help="Ending name to connect as [flush-<host>-<pid>].")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Connect, seconds.")
+@click.option(
+    "--wait", type=float, default=3600.0, show_default=True, help="Seconds to wait for the flush."
+)
+def flush(url: str, token: str | None, map_name: str | None, **opts: Any) -> None:
+    """Write the dirty entries of a running service's bridged maps to their databases.
+
+    Shows a progress bar per map and a summary. Exit code 0 when everything was written,
+    1 when entries were set aside or are still dirty (the database could not be reached),
+    2 when the service could not be asked."""
+    from .flushcmd import run_flush
+    from .status import StatusFailed
+
+    try:
+        report = run(run_flush(url, token, map_name=map_name, **opts))
+    except StatusFailed as exc:
+        click.echo(f"error: {exc.cause}\nfix: {exc.fix}", err=True)
+        sys.exit(2)
+    if not report.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ class StatusFailed(PacketStackError):
         self.exit_code = exit_code
 
 
-def default_name() -> str:
-    return f"status-{socket.gethostname()[:64]}-{os.getpid()}"
+def default_name(command: str = "status") -> str:
+    return f"{command}-{socket.gethostname()[:64]}-{os.getpid()}"
 
 
 async def show_status(
@@ -93,7 +93,7 @@ async def show_status(
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), watch)
     except PacketStackError as exc:
-        raise _explain(exc, url, connected) from exc
+        raise explain(exc, url, connected) from exc
 
 
 async def _ask(client: Client) -> dict[str, Any]:
@@ -101,29 +101,31 @@ async def _ask(client: Client) -> dict[str, Any]:
     return report.snapshot
 
 
-def _explain(exc: PacketStackError, url: str, connected: bool) -> StatusFailed:
+def explain(
+    exc: PacketStackError, url: str, connected: bool, command: str = "status", right: str = "admin"
+) -> StatusFailed:
     """The cause of ``exc`` (raised before or after the handshake: ``connected``) and what
-    to do about it."""
+    to do about it; ``command`` (status, flush) needs a principal with ``right``."""
     denied = isinstance(exc, PermissionDenied)
-    if denied and connected:  # the status request itself
+    if denied and connected:  # the request itself
         return StatusFailed(
             f"PermissionDenied: {str(exc).removeprefix('PermissionDenied: ')}",
             "pass --token with an operator token (the service's tokens) or the token of a "
-            "principal that has admin = true",
+            f"principal that has {right} = true",
         )
     if denied:  # the handshake: the principal may not claim this name
         return StatusFailed(
             f"PermissionDenied: {exc}",
-            'allow the principal to connect under this name (endings = ["status-*"] in its '
-            "[[service.principals]] entry) or choose an allowed name with --name",
+            f'allow the principal to connect under this name (endings = ["{command}-*"] in '
+            "its [[service.principals]] entry) or choose an allowed name with --name",
         )
     if isinstance(exc, RemoteError) and exc.code in (
         ErrorCode.NO_HANDLER,
         ErrorCode.UNKNOWN_PACKET_TYPE,
     ):
         return StatusFailed(
-            f"the service at {url} does not answer status requests: {exc}",
-            "upgrade the service to a PacketStack version with `packetstack status`",
+            f"the service at {url} does not answer {command} requests: {exc}",
+            f"upgrade the service to a PacketStack version with `packetstack {command}`",
         )
     if isinstance(exc, AuthenticationFailed):
         return StatusFailed(
@@ -172,6 +174,7 @@ def render(snapshot: dict[str, Any], limit: int = 100, every: float | None = Non
         _groups(snapshot["groups"], limit),
         _mailboxes(endings, limit),
         _grid(snapshot.get("grid"), limit),
+        _bridges(snapshot.get("bridges"), snapshot.get("set_aside") or [], limit),
         _counters(snapshot),
         _store(snapshot["store"]),
     )
@@ -193,6 +196,8 @@ def _table(title: str, *columns: str, total: int = 0, limit: int = 0) -> Table:
             "count",
             "owned",
             "backups",
+            "dirty",
+            "set aside",
         )
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     return table
@@ -300,6 +305,55 @@ def _grid(grid: dict[str, Any] | None, limit: int) -> RenderableType:
         f"paused {grid['paused']}, waiting {grid['waiting']:,}, ops {grid['ops']:,}"
     )
     return Group(table, summary)
+
+
+def _bridges(
+    bridges: dict[str, Any] | None, set_aside: list[dict[str, Any]], limit: int
+) -> RenderableType:
+    """Dirty entries per bridged map, the running flush, and the entries set aside."""
+    if not bridges or not bridges["maps"]:
+        return Text("Bridges: no map has a database bridge", style="italic")
+    maps: dict[str, dict[str, Any]] = bridges["maps"]
+    table = _table(
+        "Bridges (write-behind)",
+        "map",
+        "bridge",
+        "table",
+        "load",
+        "dirty",
+        "set aside",
+        "flushing",
+        total=len(maps),
+        limit=limit,
+    )
+    for name, info in list(maps.items())[:limit]:
+        flushing = info["flushing"]
+        table.add_row(
+            name,
+            info["bridge"],
+            info["table"],
+            info["load"],
+            f"{info['dirty']:,}",
+            f"[red]{info['set_aside']:,}[/]" if info["set_aside"] else "0",
+            f"{flushing[0]:,} / {flushing[1]:,}" if flushing else "",
+        )
+    last = bridges["last_flush"]
+    summary = Text(
+        f"flushes {bridges['flushes']}, retries {bridges['retries']}"
+        + (
+            ""
+            if last is None
+            else f"; last flush: {last['written']:,} written, {last['deleted']:,} deleted, "
+            f"{last['set_aside']:,} set aside, {last['failed']:,} still dirty, "
+            f"{last['seconds']:.1f} s"
+        )
+    )
+    if not set_aside:
+        return Group(table, summary)
+    aside = _table("Set aside by flushes", "map", "key", "error", total=len(set_aside), limit=limit)
+    for entry in set_aside[:limit]:
+        aside.add_row(entry["map"], entry["key"], entry["error"])
+    return Group(table, summary, aside)
 
 
 def _counters(snapshot: dict[str, Any]) -> Table:

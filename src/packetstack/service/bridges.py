@@ -186,6 +186,12 @@ class ServiceBridges:
             },
         }
 
+    async def rejected(self, limit: int) -> list[tuple[str, bytes, str, float]]:
+        """Entries set aside by flushes (map, key, error, when), the latest first."""
+        if not self.maps:
+            return []
+        return await self.journal.rejected(limit)
+
     async def count_dirty(self) -> None:
         """Refresh the dirty counts that snapshot() shows."""
         if self.maps:

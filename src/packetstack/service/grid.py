@@ -245,9 +245,7 @@ class ServiceGrid(GridFront):
             event = self._watchers.event(packet.map, packet.change, packet.key, packet.value)
             self._service.in_background(event)
             return
-        service = self._service
-        header = service._addressed(name, packet, 0)
-        service._transmit(header, packet, False)
+        self._service.notify(name, packet)
 
     def expel(self, holder: Holder, reason: str) -> None:
         holder.link.close(CloseCode.PROTOCOL_ERROR, reason)

@@ -340,6 +340,11 @@ class Service(Peer):
     def _stop_dispatcher(self, session: Session) -> None:
         self.in_background(session.dispatcher.stop())
 
+    def notify(self, name: str, packet: Packet) -> None:
+        """Send the service's own ``packet`` to the ending ``name`` without waiting (into
+        its mailbox when it is not connected)."""
+        self._transmit(self._addressed(name, packet, 0), packet, False)
+
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that close() waits for. The loop keeps only weak
         references to tasks: this holds it until it is done."""
