@@ -474,9 +474,9 @@ def test_replaying_random_effects_gives_the_same_live_data(steps: list[tuple[Op,
             assert change is None
         if change is None:
             continue
-        assert change.kind in (Kind.PUT, Kind.DELETE, Kind.CLEAR)
+        assert change.kind in (Kind.PUT, Kind.DELETE, Kind.CLEAR, Kind.LOAD)
         assert change.expect is None and change.delta == 0
-        if change.kind == Kind.PUT:
+        if change.kind in (Kind.PUT, Kind.LOAD):
             assert change.value is not None
         replayed = apply(backup, change, now)
         if outcome.change != Change.EXPIRED:  # the backup's copy is past its expiry too

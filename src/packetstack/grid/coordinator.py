@@ -34,6 +34,7 @@ from ..storage import EmbeddedStore
 from .journal import Journal
 from .messages import Backup, GridEvent, GridOps, GridOutcomes, Promote, Release, Take
 from .ops import (
+    READS,
     Change,
     Kind,
     Op,
@@ -57,9 +58,25 @@ MAX_TTL = 10 * 365 * 86400.0  # seconds; keeps expiry times within what timers c
 MOVES_AT_ONCE = 16  # partitions migrating concurrently
 TAKE_CHUNK_BYTES = 256 * 1024  # entries per Take message, by size
 CONTROL_TIMEOUT = 30.0
-CLIENT_KINDS = frozenset(int(kind) for kind in Kind if kind != Kind.EXPIRE)
+CLIENT_KINDS = frozenset(int(kind) for kind in Kind if kind not in (Kind.EXPIRE, Kind.LOAD))
+# On a lazily loaded map these need to know whether the database has the key.
+NEEDS_LOAD = frozenset(
+    int(kind)
+    for kind in (
+        Kind.GET,
+        Kind.CONTAINS,
+        Kind.PUT_IF_ABSENT,
+        Kind.REPLACE,
+        Kind.COMPARE_AND_SET,
+        Kind.DELETE,
+        Kind.INCREMENT,
+    )
+)
+MISSING_KEPT = 1_000_000  # keys known to be missing from a lazy map's database, at most
+Loader = Callable[[str, list[bytes]], Awaitable[dict[bytes, bytes]]]
 WHOLE_PARTITION = frozenset({int(Kind.SCAN), int(Kind.CLEAR), int(Kind.SIZE)})
 _NO_CHANGE = int(Change.NONE)
+_LOADED = int(Change.LOADED)
 _PUT = int(Kind.PUT)
 _REQUEST = int(Flag.REQUEST)
 _ENDING = int(Target.ENDING)
@@ -156,6 +173,38 @@ class Partition:
 _PENDING = Outcome(error="pending")
 
 
+class LazyMap:
+    """What the service knows of a lazily loaded map's keys. ``known``: every key the grid
+    holds or has written (its value, or its absence, is the grid's); ``missing``: keys the
+    database did not have and nobody wrote since (forgotten when too many: asking again
+    is always right). Any other key is read through from the database first."""
+
+    def __init__(self) -> None:
+        self.known: set[bytes] = set()
+        self.missing: set[bytes] = set()
+
+    def settled(self, op: Op) -> bool:
+        """Whether ``op`` may run without a load; a write makes its key known."""
+        key = op.key
+        if op.kind in READS:
+            return key in self.known or key in self.missing or op.kind not in NEEDS_LOAD
+        if key in self.known:
+            return True
+        if op.kind in NEEDS_LOAD and key not in self.missing:
+            return False
+        self.missing.discard(key)
+        self.known.add(key)
+        return True
+
+    def loaded(self, key: bytes, found: bool) -> None:
+        if found:
+            self.known.add(key)
+            return
+        if len(self.missing) >= MISSING_KEPT:
+            self.missing.clear()
+        self.missing.add(key)
+
+
 class Coordinator:
     def __init__(
         self,
@@ -190,6 +239,12 @@ class Coordinator:
         self._rebalance_due = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.ops = 0
+        # Lazily loaded maps (set by the service with a loader): ops waiting for their key.
+        self.lazy: dict[str, LazyMap] = {}
+        self.loader: Loader | None = None
+        self._loading: dict[tuple[str, bytes], list[Unit]] = {}
+        self._to_load: dict[str, list[bytes]] = {}
+        self.loads = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -205,6 +260,10 @@ class Coordinator:
         for index, part_rows in rows.items():
             self.parts[index].data = partition_data(part_rows)
             self._watch_expiry(index, part_rows)
+            for map_name, key, _, _ in part_rows:
+                lazy = self.lazy.get(map_name)
+                if lazy is not None:
+                    lazy.known.add(key)
         self._arm_sweeper()
 
     async def close(self) -> None:
@@ -230,7 +289,7 @@ class Coordinator:
         self._pending_bytes += size
         batch = Batch(len(ops), finish)
         order = self._order
-        route = self._route
+        route = self._admit if self.lazy else self._route
         for index, op in enumerate(ops):
             route(Unit(next(order), op, batch, index))
         self.ops += len(ops)
@@ -255,6 +314,55 @@ class Coordinator:
                     return f"ttl must be positive and at most {MAX_TTL:.0f} s, not {op.expires}"
                 op.expires += now
         return None
+
+    def _admit(self, unit: Unit) -> None:
+        """Route ``unit``, unless its key of a lazy map must be read through first: then it
+        waits (with every later op on that key) for the load."""
+        op = unit.op
+        lazy = self.lazy.get(op.map)
+        if lazy is None or lazy.settled(op):
+            self._route(unit)
+            return
+        waiting = self._loading.get((op.map, op.key))
+        if waiting is not None:
+            waiting.append(unit)
+            return
+        self._loading[(op.map, op.key)] = [unit]
+        if not self._to_load:
+            asyncio.get_running_loop().call_soon(self._start_loads)
+        self._to_load.setdefault(op.map, []).append(op.key)
+
+    def _start_loads(self) -> None:
+        """Once per loop iteration: one read-through per lazy map for the keys asked."""
+        to_load, self._to_load = self._to_load, {}
+        for map_name, keys in to_load.items():
+            self._spawn(self._load_through(map_name, keys))
+
+    async def _load_through(self, map_name: str, keys: list[bytes]) -> None:
+        assert self.loader is not None
+        try:
+            found = await self.loader(map_name, keys)
+        except Exception as exc:  # the database is down: these ops fail, nothing changed
+            log.warning("read-through of map %s failed: %s", map_name, exc)
+            why = f"map {map_name!r} reads through from its database, which failed: {exc}"
+            for key in keys:
+                for unit in self._loading.pop((map_name, key)):
+                    self._complete(unit, Outcome(error=why))
+            return
+        lazy = self.lazy[map_name]
+        loads = []
+        for key in keys:
+            value = found.get(key)
+            lazy.loaded(key, value is not None)
+            if value is not None:
+                part = partition_of(key, self.partition_count)
+                loads.append(Op(map_name, part, Kind.LOAD, key, value))
+        self.loads += len(loads)
+        self.submit(loads, _ignore, sum(len(op.value or b"") for op in loads))
+        for key in keys:  # after the loads, in the order they came
+            for unit in self._loading.pop((map_name, key)):
+                self._admit(unit)
+        self._schedule_flush()
 
     def _route(self, unit: Unit) -> None:
         part = self.parts[unit.op.part]
@@ -300,7 +408,7 @@ class Coordinator:
             if self._expiries[0][0] == change.expires:
                 self._arm_sweeper()
         listeners = self.listeners.get(op.map)
-        if listeners:
+        if listeners and outcome.change != _LOADED:
             self._notify(listeners, op, outcome.change, change.value, outcome.count)
 
     def _complete(self, unit: Unit, outcome: Outcome) -> None:
@@ -692,6 +800,7 @@ class Coordinator:
             "paused": sum(1 for p in self.parts if p.paused),
             "waiting": sum(len(p.waiting) for p in self.parts),
             "ops": self.ops,
+            "loads": self.loads,
             "journal_retries": self.journal.retries,
             "journal_folds": self.journal.folds,
             "listeners": {name: sorted(names) for name, names in self.listeners.items()},

@@ -98,6 +98,7 @@ _NOT_REJECTED = (
 _CLEAN = "DELETE FROM grid_dirty WHERE map = ? AND key = ? AND gen = ?"
 _UNREJECT = "DELETE FROM grid_rejected WHERE map = ? AND key = ?"
 _REJECT = "INSERT OR REPLACE INTO grid_rejected (map, key, gen, error, at) VALUES (?, ?, ?, ?, ?)"
+_IS_DIRTY = "SELECT 1 FROM grid_dirty WHERE map = ? AND key = ?"
 _COUNT_DIRTY = "SELECT map, count(*) FROM grid_dirty GROUP BY map"
 _COUNT_REJECTED = (
     "SELECT r.map, count(*) FROM grid_rejected r JOIN grid_dirty d "
@@ -129,7 +130,7 @@ def statements(effects: list[Op]) -> list[Statement]:
     for op in effects:
         kind = op.kind
         row: tuple[object, ...]
-        if kind == Kind.PUT:
+        if kind == Kind.PUT or kind == Kind.LOAD:
             this, row = _PUT, (op.part, op.map, op.key, op.value, op.expires)
         elif kind == Kind.DELETE:
             this, row = _DELETE, (op.part, op.map, op.key)
@@ -190,7 +191,7 @@ def _mark_dirty(
     db: sqlite3.Connection, bridged: AbstractSet[str], clears: list[Op], changes: list[Op]
 ) -> None:
     clears = [op for op in clears if op.map in bridged]
-    changes = [op for op in changes if op.map in bridged]
+    changes = [op for op in changes if op.map in bridged and op.kind != Kind.LOAD]
     if not (clears or changes):
         return
     gen = db.execute(_NEXT_GEN).fetchone()[0]
@@ -340,6 +341,17 @@ class Journal:
                 (key, gen, value if value is not None and not 0 < expires <= now else None)
                 for key, gen, value, expires in rows
             ]
+
+        return await self.store.read(read)
+
+    async def dirty_keys(self, map_name: str, keys: list[bytes]) -> set[bytes]:
+        """Which of ``keys`` are dirty (changed or deleted and not flushed yet)."""
+
+        def read(db: sqlite3.Connection) -> set[bytes]:
+            fold(db, self.bridged)
+            return {
+                key for key in keys if db.execute(_IS_DIRTY, (map_name, key)).fetchone() is not None
+            }
 
         return await self.store.read(read)
 

@@ -69,6 +69,7 @@ class GridFront:
     grid (the client's connection, or the service itself)."""
 
     partitions: int
+    lazy: frozenset[str] = frozenset()  # maps read through from a database on a miss
 
     def __init__(self) -> None:
         self._watchers = Watchers()
@@ -245,9 +246,10 @@ class Map(Generic[K, V]):
         if data is not None:
             entries = data.get(self.name)
             entry = entries.get(key) if entries is not None else None
-            if entry is None:
-                return True, None
-            return True, entry[0] if live(entry, time.time()) else None
+            if entry is not None and live(entry, time.time()):
+                return True, entry[0]
+            # A lazy map's miss here may be in its database: the service reads it through.
+            return self.name not in self._backend.lazy, None
         cache = self.near_cache
         if cache is not None and key in cache:
             self.near_hits += 1

@@ -30,6 +30,9 @@ class Kind(IntEnum):
     CLEAR = 9
     EXPIRE = 10  # delete the entry if it still has these expires and they are past
     SIZE = 11
+    # The service's own: a value read through from a bridge, set only if the key is absent;
+    # journaled like a put but not dirty (the database has it already).
+    LOAD = 12
 
 
 class Change(IntEnum):
@@ -41,6 +44,7 @@ class Change(IntEnum):
     REMOVED = 3
     EXPIRED = 4
     CLEARED = 5
+    LOADED = 6  # a LOAD set the entry: no entry event (nothing changed)
 
 
 # Reads: served by any owner without touching the journal.
@@ -195,6 +199,11 @@ def apply(data: PartitionData, op: Op, now: float) -> Outcome:
         if entry is not None and entry[1] == op.expires:
             return _remove(entries, op.key, Change.EXPIRED)
         return Outcome()
+    if kind == Kind.LOAD:
+        if present or op.value is None:
+            return Outcome()
+        _set(data, op, op.value, 0.0, False, None)
+        return Outcome(True, change=Change.LOADED)
     if kind == Kind.CLEAR:
         removed = data.pop(op.map, None)
         return Outcome(True, change=Change.CLEARED, count=len(removed) if removed else 0)
@@ -256,4 +265,6 @@ def effect(op: Op, outcome: Outcome) -> Op | None:
         return Op(op.map, op.part, Kind.DELETE, op.key)
     if change == Change.CLEARED:
         return Op(op.map, op.part, Kind.CLEAR)
+    if change == Change.LOADED:
+        return Op(op.map, op.part, Kind.LOAD, op.key, op.value)
     return None

@@ -145,6 +145,7 @@ class ClientGrid(GridFront):
         self._boot = welcome.boot
         if welcome.partitions:
             self.partitions = welcome.partitions
+        self.lazy = frozenset(welcome.lazy)
         for request_id, (header, packet, sent_on) in list(self._inflight.items()):
             if sent_on is None or sent_on is link:
                 self._inflight[request_id] = (header, packet, link)  # from the outbox

@@ -100,6 +100,8 @@ class Welcome(msgspec.Struct, omit_defaults=True):
     # A random id of this run of the service process: a client that sees another one knows
     # the service restarted and forgot which requests it answered.
     boot: str = ""
+    # Grid maps read through from a database on a miss: an owner's miss is not an answer.
+    lazy: list[str] = []
 
 
 class PacketHeader(msgspec.Struct, array_like=True, gc=False):

@@ -98,6 +98,21 @@ class ServiceBridges:
                 loaded - added,
             )
 
+    async def load_through(self, map_name: str, keys: list[bytes]) -> dict[bytes, bytes]:
+        """What the database of a lazy map holds of ``keys``, except keys deleted in the
+        grid and not flushed yet (their database row is stale)."""
+        bridged = self.maps[map_name]
+        await self._open_store(bridged.bridge)
+        store = self.stores[bridged.bridge]
+        found: dict[bytes, bytes] = {}
+        batch = bridged.settings.batch
+        for start in range(0, len(keys), batch):
+            found.update(await store.load_many(map_name, keys[start : start + batch]))
+        if found:
+            for key in await self.journal.dirty_keys(map_name, list(found)):
+                del found[key]
+        return found
+
     async def flush(
         self,
         map_name: str | None = None,

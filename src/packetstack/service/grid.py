@@ -14,7 +14,7 @@ import msgspec
 from ..codec import Packet
 from ..dispatch import Context, error_body
 from ..errors import CloseCode, ConnectionClosed, ErrorCode, GridError, PermissionDenied
-from ..grid.coordinator import Coordinator, Holder, request_header
+from ..grid.coordinator import Coordinator, Holder, LazyMap, request_header
 from ..grid.maps import GridFront
 from ..grid.messages import (
     GridDone,
@@ -63,6 +63,9 @@ class ServiceGrid(GridFront):
         # Answers to requests that must not run twice, by ending and request id.
         self._answers: dict[str, OrderedDict[int, list[Outcome] | None]] = {}
         self.bridges = ServiceBridges(cfg, self.coordinator.journal, service.stats)
+        self.lazy = frozenset(m for m, b in self.bridges.maps.items() if b.spec.load == "lazy")
+        self.coordinator.lazy = {name: LazyMap() for name in self.lazy}
+        self.coordinator.loader = self.bridges.load_through
         self._install()
 
     async def open(self) -> None:

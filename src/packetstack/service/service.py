@@ -431,6 +431,7 @@ class Service(Peer):
                     next=ending.next_seq,
                     partitions=cfg.grid_partitions,
                     boot=self.boot,
+                    lazy=sorted(self.grid.lazy),
                 )
             )
         )
