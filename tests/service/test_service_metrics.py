@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import ClassVar
 
@@ -301,3 +302,44 @@ async def test_a_metrics_token_is_required_when_set(make_service: ServiceFactory
     assert await bearer_get(port, "Basic czNjcmV0") == "HTTP/1.1 401 Unauthorized +challenge"
     assert await bearer_get(port, "Bearer s3cret") == "HTTP/1.1 200 OK"
     assert "s3cret" not in repr(service.config)
+
+
+async def test_bridge_metrics_show_dirty_entries_flushes_and_loads(
+    make_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """Dirty entries per bridged map (as counted by the last flush or status request),
+    what flushes wrote and deleted, and lazy read-throughs."""
+    from packetstack.storage import BridgeSettings, MapBridge
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bridge.db'}"
+    service = await make_service(
+        metrics_port=free_port(),
+        bridges={"lite": BridgeSettings(url=url)},
+        maps={
+            "scores": MapBridge(bridge="lite"),
+            "lazy": MapBridge(bridge="lite", load="lazy"),
+        },
+    )
+    scores = service.grid.map("scores", int)
+    await scores.put_all({f"k{i}": i for i in range(5)})
+    await scores.delete("k4")
+    await service.grid.bridges.count_dirty()
+    before = await scrape(service)
+    labels = (("bridge", "lite"), ("map", "scores"))
+    assert before["packetstack_bridge_dirty_entries"][labels] == 5  # four puts, one delete
+    assert before["packetstack_flushes"][()] == 0
+
+    report = await service.flush()
+    assert (report.written, report.deleted) == (4, 1)
+    with sqlite3.connect(tmp_path / "bridge.db") as db:  # the bridge created the table
+        db.execute("INSERT INTO lazy VALUES ('k1', '7')")
+    assert await service.grid.map("lazy", int).get("k1") == 7  # read through
+    after = await scrape(service)
+    assert after["packetstack_bridge_dirty_entries"][labels] == 0
+    assert after["packetstack_bridge_set_aside_entries"][labels] == 0
+    assert after["packetstack_flushes"][()] == 1
+    assert after["packetstack_flush_written"][()] == 4
+    assert after["packetstack_flush_deleted"][()] == 1
+    assert after["packetstack_flush_set_aside"][()] == 0
+    assert after["packetstack_flush_done_entries"][labels] == 0  # no flush running
+    assert after["packetstack_grid_loads"][()] == 1

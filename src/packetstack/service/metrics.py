@@ -79,7 +79,22 @@ GRID_STATS = {
         "(those count in packetstack_permission_denied_total too).",
     ),
 }
-_OWN_METRIC = set(MAILBOX_OUTCOMES.values()) | set(NAMED_STATS) | set(GRID_STATS)
+# Flush counters of service.stats (service/bridges.py), each a metric of its own.
+FLUSH_STATS = {
+    "flushes": ("flushes", "Flushes of the bridged maps (asked, on an interval, on close)."),
+    "flush_written": ("flush_written", "Entries written (upserted) to bridges by flushes."),
+    "flush_deleted": ("flush_deleted", "Entries deleted from bridges by flushes."),
+    "flush_set_aside": (
+        "flush_set_aside",
+        "Entries a database refused during a flush, set aside with their error.",
+    ),
+    "flush_failures": (
+        "flush_failures",
+        "Maps whose flush stopped because their database could not be reached (their "
+        "entries stay dirty for the next flush).",
+    ),
+}
+_OWN_METRIC = set(MAILBOX_OUTCOMES.values()) | set(NAMED_STATS) | set(GRID_STATS) | set(FLUSH_STATS)
 
 
 class ServiceCollector:
@@ -170,6 +185,7 @@ class ServiceCollector:
         )
 
         yield from _grid(snapshot["grid"], stats)
+        yield from _bridges(snapshot["bridges"], stats)
 
         events = CounterMetricFamily(
             "packetstack_events",
@@ -232,6 +248,11 @@ def _grid(grid: dict[str, Any], stats: dict[str, int]) -> Iterator[Metric]:
     for key, (name, doc) in GRID_STATS.items():
         yield _counter(name, doc, stats.get(key, 0))
     yield _counter(
+        "grid_loads",
+        "Entries of lazily loaded maps read through from their database on a miss.",
+        grid["loads"],
+    )
+    yield _counter(
         "grid_journal_retries",
         "Failed writes of the grid journal, retried.",
         grid["journal_retries"],
@@ -240,6 +261,48 @@ def _grid(grid: dict[str, Any], stats: dict[str, int]) -> Iterator[Metric]:
         "grid_journal_folds",
         "Folds of the grid journal's log into its table of latest values.",
         grid["journal_folds"],
+    )
+
+
+def _bridges(bridges: dict[str, Any], stats: dict[str, int]) -> Iterator[Metric]:
+    """Dirty entries per bridged map (as last counted: by each flush and each status
+    request), the running flush's progress, and the flush counters."""
+    labels = ["map", "bridge"]
+    dirty = GaugeMetricFamily(
+        "packetstack_bridge_dirty_entries",
+        "Entries of a bridged map not written to its database yet, as last counted (by a "
+        "flush or a status request).",
+        labels=labels,
+    )
+    set_aside = GaugeMetricFamily(
+        "packetstack_bridge_set_aside_entries",
+        "Entries of a bridged map its database refused, waiting for a change or a retry.",
+        labels=labels,
+    )
+    done = GaugeMetricFamily(
+        "packetstack_flush_done_entries",
+        "Entries the running flush has handled, by map (0 when no flush runs).",
+        labels=labels,
+    )
+    total = GaugeMetricFamily(
+        "packetstack_flush_total_entries",
+        "Entries the running flush found dirty when it started, by map (0 when none runs).",
+        labels=labels,
+    )
+    for name, info in bridges["maps"].items():
+        values = [name, info["bridge"]]
+        dirty.add_metric(values, info["dirty"])
+        set_aside.add_metric(values, info["set_aside"])
+        flushing = info["flushing"] or (0, 0)
+        done.add_metric(values, flushing[0])
+        total.add_metric(values, flushing[1])
+    yield from (dirty, set_aside, done, total)
+    for key, (name, doc) in FLUSH_STATS.items():
+        yield _counter(name, doc, stats.get(key, 0))
+    yield _counter(
+        "bridge_retries",
+        "Writes to a bridge retried after the database could not be reached.",
+        bridges["retries"],
     )
 
 
