@@ -231,3 +231,59 @@ def test_serve_port_in_use_exits_2(tmp_path: Path) -> None:
     assert "error:" in result.stderr
     assert str(port) in result.stderr and "in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------- database bridges
+
+
+def test_serve_with_an_eager_map_whose_database_is_unreachable_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "ps.toml"
+    config.write_text(
+        "[service]\n"
+        f'data_dir = "{tmp_path / "d"}"\n'
+        "[service.bridges.local]\n"
+        f'url = "sqlite+aiosqlite:///{tmp_path / "missing" / "app.db"}"\n'
+        "[service.maps.players]\n"
+        'bridge = "local"\n'
+        'load = "eager"\n'
+    )
+    result = run(cli_command("serve", "--port", "0", "--config", str(config)), tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: bridge 'local'" in result.stderr
+    assert "maps ['players'] load from it at start (load = 'eager')" in result.stderr
+    assert "listening on" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_bridge_url_it_cannot_use_exits_2_without_the_password(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "ps.toml"
+    config.write_text(
+        "[service]\n"
+        f'data_dir = "{tmp_path / "d"}"\n'
+        "[service.bridges.web]\n"
+        'url = "http://app:hunter2@db.example.com/app"\n'
+        "[service.maps.players]\n"
+        'bridge = "web"\n'
+    )
+    result = run(cli_command("serve", "--port", "0", "--config", str(config)), tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: bridges.web.url: 'http' is not a supported SQL database" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_flush_help_names_its_options(tmp_path: Path) -> None:
+    result = run(cli_command("flush", "--help"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in (
+        "--url",
+        "--token",
+        "--map",
+        "--retry-rejected",
+        "--name",
+        "--timeout",
+        "--wait",
+    ):
+        assert option in result.stdout

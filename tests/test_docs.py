@@ -36,6 +36,7 @@ import packetstack
 from packetstack.cli import main
 from packetstack.service.auth import Principal
 from packetstack.service.config import ServiceConfig
+from packetstack.storage import BridgeSettings, MapBridge
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
@@ -192,6 +193,22 @@ token = "shared"
 [[service.principals]]
 token = "other"
 """,
+    "bad-bridges.toml": """\
+[service]
+flush_interval = 60
+
+[service.bridges.pg]
+url = "postgresql://app:secret@db.example.com/app"
+batch = 0
+
+[service.maps.players]
+bridge = "pg"
+mode = "typed"
+
+[service.maps.scores]
+bridge = "postgres"
+load = "always"
+""",
 }
 
 
@@ -269,3 +286,25 @@ def test_every_principal_key_is_documented_with_its_default() -> None:
             assert name in ("name", "token"), name  # no default, or one the checks refuse
         else:
             assert _documented_default(cell) == getattr(example, name), name
+
+
+@pytest.mark.parametrize(
+    ("header", "struct", "example"),
+    [
+        ("| `[bridges.NAME]` key | type | default | meaning |", BridgeSettings, {"url": "x"}),
+        ("| `[maps.NAME]` key | type | default | meaning |", MapBridge, {"bridge": "x"}),
+    ],
+)
+def test_every_bridge_and_map_key_is_documented_with_its_default(
+    header: str, struct: type[msgspec.Struct], example: dict[str, str]
+) -> None:
+    rows = _table(CONFIGURATION, header)
+    fields = msgspec.structs.fields(struct)
+    assert sorted(rows) == sorted(f.name for f in fields), f"{header} and {struct.__name__} differ"
+    defaults = struct(**example)
+    for field in fields:
+        cell = rows[field.name]
+        if field.required:
+            assert cell == "required", field.name
+        else:
+            assert _documented_default(cell) == getattr(defaults, field.name), field.name

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from support import clean_env, cli_command
 
-from packetstack import ConfigError
+from packetstack import ConfigError, Service
 from packetstack.cli import main
 from packetstack.service.config import load
 from packetstack.service.configcheck import Locator, Problem, check, check_text
@@ -360,3 +360,240 @@ def test_config_check_as_a_real_process(tmp_path: Path) -> None:
     assert results[0].stdout.startswith(f"{bad}:1: port:")
     assert results[1].stdout.startswith(f"ok: {good}\n")
     assert "Traceback" not in results[0].stderr + results[1].stderr
+
+
+# ---------------------------------------------------------- database bridges
+
+
+BRIDGES = """\
+[service]
+flush_interval = 60
+
+[service.bridges.pg]
+url = "postgresql+asyncpg://app:pg-secret@db.example.com:5432/app"
+batch = 500
+retries = 5
+retry_delay = 0.25
+retry_max_delay = 10
+connect_timeout = 3
+
+[service.bridges.docs]
+url = "mongodb://app:mongo-secret@mongo-1:27017,mongo-2:27017/app?replicaSet=rs0"
+
+[service.bridges.atlas]
+url = "mongodb+srv://cluster0.example.net/"
+database = "app"
+
+[service.bridges.local]
+url = "sqlite+aiosqlite:///var/lib/app/app.db"
+
+[service.maps.players]
+bridge = "pg"
+mode = "typed"
+type = "myapp.models:Player"
+load = "eager"
+
+[service.maps.sessions]
+bridge = "docs"
+key = "tuple"
+load = "lazy"
+
+[service.maps.scores]
+bridge = "pg"
+table = "player_scores"
+key = "int"
+key_column = "player_id"
+value_column = "data"
+
+[service.maps.cache]
+bridge = "local"
+key = "bytes"
+"""
+
+
+def test_good_bridges_and_maps_have_no_problems(tmp_path: Path) -> None:
+    path = write(tmp_path, BRIDGES)
+    assert check(path) == []
+    config = load(path, environ={})  # and load agrees
+    assert sorted(config.bridges) == ["atlas", "docs", "local", "pg"]
+    assert config.maps["scores"].key_column == "player_id"
+
+
+def test_bridges_and_maps_at_the_top_level_and_inline() -> None:
+    text = (
+        'bridges.pg = { url = "postgresql+asyncpg://db/app", batch = 10 }\n'
+        "maps = { players = { bridge = 'pg' }, scores = { bridge = 'pg', tabel = 's' } }\n"
+    )
+    assert [(p.line, p.message) for p in check_text(text)] == [
+        (2, "maps.scores: unknown key 'tabel' (did you mean 'table'?)"),
+    ]
+
+
+def test_good_bridges_cli_summary_names_them_without_their_urls(tmp_path: Path) -> None:
+    path = write(tmp_path, BRIDGES)
+    result = CliRunner().invoke(main, ["config", "check", str(path)], env=clean_env())
+    assert result.exit_code == 0, result.output
+    summary = result.output.splitlines()[1]
+    assert (
+        "bridges: pg (postgresql+asyncpg: players, scores), docs (mongodb: sessions), "
+        "atlas (mongodb+srv: no maps), local (sqlite+aiosqlite: cache); "
+        "flush: every 60 s and on close"
+    ) in summary
+    assert "secret" not in result.output and "db.example.com" not in result.output
+
+
+B = "[bridges.b]\nurl = 'sqlite+aiosqlite://'\n"  # a bridge for the maps below
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        # what loading refuses too
+        ("[bridges.pg]\nurl = 'sqlite+aiosqlite://'\nbatch = 0\n", 3, ["bridges.pg: batch"]),
+        ("[bridges.pg]\nurl = 'sqlite+aiosqlite://'\n\nretries = 0\n", 4, ["retries must be"]),
+        ("[bridges.pg]\nurl = 'sqlite+aiosqlite://'\nretry_delay = 60\n", 3, ["retry_delay"]),
+        ("[bridges.pg]\nurl = 'sqlite+aiosqlite://'\nconnect_timeout = 0\n", 3, ["connect_t"]),
+        ("[bridges.pg]\nurl = 'sqlite+aiosqlite://'\nbatch = 'many'\n", 3, ["pg.batch: Expected"]),
+        ("[bridges.pg]\nurl = 'sqlite+aiosqlite://'\nurl_ = 1\n", 3, ["did you mean 'url'"]),
+        ("[bridges.pg]\nbatch = 1\n", 1, ["bridges.pg has no url"]),
+        ("[service]\nbridges = 'pg'\n", 2, ["bridges must be a table of tables"]),
+        ("[bridges]\npg = 'sqlite://'\n", 2, ["bridges.pg must be a table ([bridges.pg])"]),
+        ("flush_interval = -1\n", 1, ["flush_interval must be >= 0"]),
+        ("[maps.m]\nbridge = 'pg'\n", 2, ["maps.m.bridge = 'pg' names no [bridges.pg]"]),
+        ("[maps.m]\ntable = 't'\n", 1, ["maps.m has no bridge"]),
+        ("[maps.m]\nbridge = 'b'\nmode = 'sql'\n" + B, 3, ["maps.m.mode", "'document', 'typed'"]),
+        ("[maps.m]\nbridge = 'b'\nkey = 'float'\n" + B, 3, ["maps.m.key", "'str', 'int'"]),
+        ("[maps.m]\nbridge = 'b'\nload = 'soon'\n" + B, 3, ["maps.m.load", "'eager', 'lazy'"]),
+        ("[maps.m]\nbridge = 'b'\nlaod = 'eager'\n" + B, 3, ["did you mean 'load'"]),
+        # what only the service's start refuses (nothing is imported or connected here)
+        ("[maps.m]\nbridge = 'b'\nmode = 'typed'\n" + B, 3, ["mode 'typed'", "type = 'module:"]),
+        ("[maps.m]\nbridge = 'b'\ntype = 'Player'\n" + B, 3, ["maps.m.type must be 'module:Name'"]),
+        ("[maps.m]\nbridge = 'b'\ntype = 5\n" + B, 3, ["maps.m.type must be 'module:Name'"]),
+        ("[bridges.b]\nurl = 'http://u:p@h/db'\n", 2, ["'http' is not a SQL or MongoDB URL"]),
+        ("[bridges.b]\nurl = 'db.example.com'\n", 2, ["bridges.b.url is not a database URL"]),
+        ("[bridges.b]\nurl = 'mongodb://h:27017'\n", 2, ["name the MongoDB database"]),
+        ("[bridges.b]\nurl = 'postgresql://u:p@h/db'\n", 2, ["postgresql+asyncpg://"]),
+        ("[bridges.b]\nurl = 'mysql+asyncmy://u:p@h:x/db'\n", 2, ["host and port do not parse"]),
+        ("[bridges.b]\nurl = 'mysql+asyncmy://u:p/w@h/db'\n", 2, ["percent-encode"]),
+        ("[bridges.pg]\nurl = 'x'\n[service]\n", 1, ["'bridges' is ignored", "[service.bridges"]),
+    ],
+)
+def test_each_bridge_problem_at_its_line(text: str, line: int, words: list[str]) -> None:
+    problem = only(text)
+    assert problem.line == line, problem
+    for word in words:
+        assert word in problem.message, problem
+    assert "u:p" not in problem.message  # a URL is never shown: it may hold a password
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[bridges.b]\nurl = 'sqlite+aiosqlite://'\nbatch = 0\n",
+        "flush_interval = -1\n",
+        "[maps.m]\nbridge = 'b'\n",
+        "[maps.m]\nbridge = 'b'\nload = 'soon'\n",
+    ],
+)
+def test_bridge_problems_load_refuses_too(text: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load(write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[bridges.b]\nurl = 'sqlite+aiosqlite://'\n[maps.m]\nbridge = 'b'\nmode = 'typed'\n",
+        "[bridges.b]\nurl = 'sqlite+aiosqlite://'\n[maps.m]\nbridge = 'b'\ntype = 'nomodule'\n",
+        "[bridges.b]\nurl = 'http://h/db'\n",
+        "[bridges.b]\nurl = 'mongodb://h:27017'\n",
+    ],
+)
+def test_bridge_problems_only_the_start_finds_are_refused_by_the_service(
+    text: str, tmp_path: Path
+) -> None:
+    assert len(check_text(text)) == 1
+    config = load(write(tmp_path, text), environ={})  # loading does not look so far
+    with pytest.raises(ConfigError):
+        Service(config=config, data_dir=tmp_path / "data")
+
+
+BAD_BRIDGES = """\
+[service]
+[service.bridges.pg]
+url = "postgresql://app:pg-secret@db/app"
+batch = 500
+retries = 0
+pasword = "pg-secret"
+
+[service.bridges.lite]
+url = "sqlite+aiosqlite:///app.db"
+retry_delay = "fast"
+retry_max_delay = 0.1
+
+[service.maps.players]
+bridge = "pg"
+mode = "typed"
+
+[service.maps.scores]
+bridge = "nowhere"
+table = "Players"
+
+[service.maps.events]
+bridge = "lite"
+tpye = "app:Event"
+"""
+
+
+def test_bridge_problems_each_at_its_line() -> None:
+    problems = check_text(BAD_BRIDGES)
+    assert [(p.line, p.message) for p in problems] == [
+        (
+            3,
+            "bridges.pg.url: postgresql:// names no driver; the bridges use an asyncio one: "
+            "postgresql+asyncpg://",
+        ),
+        (5, "bridges.pg: batch and retries must be at least 1"),  # retries', not batch's line
+        (6, "bridges.pg: unknown key 'pasword'"),
+        (10, "bridges.lite.retry_delay: Expected `float`, got `str`"),
+        # not "retry_delay must be <= retry_max_delay": it would judge the default delay
+        (
+            15,
+            "maps.players: mode 'typed' makes columns of a msgspec.Struct's fields: set type = "
+            "'module:StructName', or use mode = 'document'",
+        ),
+        (18, "maps.scores.bridge = 'nowhere' names no [bridges.nowhere] (lite, pg)"),
+        (23, "maps.events: unknown key 'tpye' (did you mean 'type'?)"),
+    ]
+    assert all("secret" not in p.message for p in problems)
+
+
+def test_two_maps_of_a_bridge_in_one_table() -> None:
+    text = (
+        "[bridges.b]\n"  # 1
+        "url = 'sqlite+aiosqlite:///app.db'\n"  # 2
+        "[bridges.c]\n"  # 3
+        "url = 'sqlite+aiosqlite:///other.db'\n"  # 4
+        "[maps.players]\n"  # 5
+        "bridge = 'b'\n"  # 6
+        "[maps.ranks]\n"  # 7
+        "bridge = 'b'\n"  # 8
+        "table = 'PLAYERS'\n"  # 9: SQLite's names know no case
+        "[maps.elsewhere]\n"  # 10
+        "bridge = 'c'\n"  # 11
+        "table = 'players'\n"  # 12: another database: fine
+    )
+    assert [(p.line, p.message) for p in check_text(text)] == [
+        (
+            9,
+            "maps.ranks: table 'PLAYERS' of bridge 'b' is maps.players's too (line 5): "
+            "give each map a table of its own",
+        )
+    ]
+
+
+def test_maps_are_not_judged_against_bridges_that_are_not_tables() -> None:
+    # bridges is refused: a map naming one of them is not "names no [bridges.pg]" on top.
+    assert [
+        (p.line, p.message) for p in check_text("bridges = 'pg'\n[maps.m]\nbridge = 'pg'\n")
+    ] == [(1, "bridges must be a table of tables ([bridges.NAME])")]

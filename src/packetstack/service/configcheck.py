@@ -14,10 +14,12 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import msgspec
 
+from ..storage.bridge import BridgeSettings, MapBridge
 from .auth import Principal
 from .config import ServiceConfig, SettingProblems, _fields, exposure_problem
 
@@ -106,12 +108,15 @@ class Locator:
         self.pos += 2 if array else 1
         keys = self._key()
         self._expect("]]" if array else "]")
-        # Keys that lead through an array of tables go into its latest table.
+        # Keys that lead through an array of tables go into its latest table. A table the
+        # header defines on the way (``[bridges.pg]`` defines ``bridges``) starts here too.
         path: Key = ()
         for i, key in enumerate(keys):
             path = (*path, key)
             if i < len(keys) - 1 and path in self._tables_in_array:
                 path = (*path, self._tables_in_array[path] - 1)
+            if i < len(keys) - 1:
+                self._note(path, line)
         if array:
             index = self._tables_in_array.get(path, 0)
             self._tables_in_array[path] = index + 1
@@ -215,8 +220,31 @@ def _suggest(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _choices(kind: Any) -> str:
+    """`` (one of 'a', 'b')`` for a Literal type, else nothing."""
+    if get_origin(kind) is not Literal:
+        return ""
+    return " (one of " + ", ".join(repr(choice) for choice in get_args(kind)) + ")"
+
+
 _PRINCIPAL_FIELDS = {f.name: f.type for f in msgspec.structs.fields(Principal)}
 _SERVICE = ("service",)
+# [bridges.NAME] and [maps.NAME]: the struct of each table, and its fields by name.
+_NAMED: dict[str, type[msgspec.Struct]] = {"bridges": BridgeSettings, "maps": MapBridge}
+_NAMED_FIELDS = {
+    setting: {f.name: f for f in msgspec.structs.fields(struct)}
+    for setting, struct in _NAMED.items()
+}
+# The SQL databases a bridge reaches, each with the asyncio driver it is used with.
+_SQL_DRIVERS = {
+    "postgresql": "asyncpg",
+    "mysql": "asyncmy",
+    "mariadb": "asyncmy",
+    "sqlite": "aiosqlite",
+}
+_MONGO_SCHEMES = ("mongodb", "mongodb+srv")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_TYPE_PATH = re.compile(r"[^\W\d][\w.]*:[^\W\d]\w*")  # module:Name
 
 
 class _Checker:
@@ -224,6 +252,10 @@ class _Checker:
         self.data = data
         self.lines = lines
         self.problems: list[Problem] = []
+        # [bridges.NAME] and [maps.NAME] by setting and name: the keys of the right type, and
+        # (setting, name, key) of those of a wrong one.
+        self._entries: dict[str, dict[str, dict[str, Any]]] = {}
+        self._broken: set[tuple[str, str, str]] = set()
 
     def at(self, path: Key | None, message: str) -> None:
         line = None if path is None else self.lines.get(path)
@@ -241,7 +273,8 @@ class _Checker:
                 return self.problems
             for key in data:
                 if key != "service":
-                    self.at((key,), f"{key!r} is ignored: only the [service] table is read")
+                    where = f" (write [service.{key}.NAME])" if key in _NAMED else ""
+                    self.at((key,), f"{key!r} is ignored: only the [service] table is read{where}")
         fields = _fields()
         good: dict[str, Any] = {}
         bad: set[str] = set()
@@ -252,6 +285,9 @@ class _Checker:
             elif key == "principals":
                 if not self._principals(value, path):
                     bad.add(key)
+            elif key in _NAMED:
+                if not self._named(value, path, key, good):
+                    bad.add(key)
             elif self._typed(path, key, value, fields[key], good):
                 continue
             else:
@@ -259,6 +295,7 @@ class _Checker:
         principals = section.get("principals")
         self._tokens(base, good, principals)
         self._certificates(base, section, principals)
+        self._tables(base)
         config = self._settings(base, good, bad)
         if config is not None and bad.isdisjoint({"tokens", "principals"}):
             exposure = exposure_problem(
@@ -268,12 +305,22 @@ class _Checker:
                 self.at((*base, "host"), exposure)
         return self.problems
 
-    def _typed(self, path: Key, key: str, value: Any, kind: Any, into: dict[str, Any]) -> bool:
-        """Convert ``value`` as loading does (``"7400"`` is a port); say why not if not."""
+    def _typed(
+        self,
+        path: Key,
+        key: str,
+        value: Any,
+        kind: Any,
+        into: dict[str, Any],
+        label: str | None = None,
+    ) -> bool:
+        """Convert ``value`` as loading does (``"7400"`` is a port) into ``into[key]``; say
+        why not if not (the problem starts with ``label``, by default ``key``)."""
         try:
             into[key] = msgspec.convert(value, kind, strict=False)
         except msgspec.ValidationError as exc:
-            self.at(path, f"{key}: {exc}")  # the value itself is not shown: it may be a secret
+            # The value itself is not shown: it may be a secret.
+            self.at(path, f"{label or key}: {exc}{_choices(kind)}")
             return False
         return True
 
@@ -311,6 +358,123 @@ class _Checker:
             if "token" not in entry and "certificate" not in entry:
                 self.at(entry_path, f"{label} has no token or certificate")
         return len(self.problems) == count
+
+    def _named(self, value: Any, path: Key, setting: str, into: dict[str, Any]) -> bool:
+        """``[bridges.NAME]`` or ``[maps.NAME]`` tables, key by key, and what only the
+        service's start would find: a bridge's URL scheme, a map's type. ``into[setting]``
+        gets each table with its keys of the right type, for ServiceConfig's checks (a bridge
+        without a url gets an empty one; a map without a bridge is left out)."""
+        header = ".".join(str(key) for key in path)
+        if not isinstance(value, dict):
+            self.at(path, f"{setting} must be a table of tables ([{header}.NAME])")
+            return False
+        fields = _NAMED_FIELDS[setting]
+        entries = self._entries[setting] = {}
+        for name, entry in value.items():
+            entry_path = (*path, name)
+            label = f"{setting}.{name}"
+            if not isinstance(entry, dict):
+                self.at(entry_path, f"{label} must be a table ([{header}.{name}])")
+                continue
+            checked: dict[str, Any] = {}
+            for key, item in entry.items():
+                if key not in fields:
+                    suggestion = _suggest(key, list(fields))
+                    self.at((*entry_path, key), f"{label}: unknown key {key!r}{suggestion}")
+                elif not self._typed(
+                    (*entry_path, key), key, item, fields[key].type, checked, f"{label}.{key}"
+                ):
+                    self._broken.add((setting, name, key))
+            for key, field in fields.items():
+                if field.required and key not in entry:
+                    self.at(entry_path, f"{label} has no {key}")
+            if setting == "bridges":
+                self._url(entry_path, label, checked)
+            else:
+                self._map_type(entry_path, label, checked)
+            entries[name] = checked
+        into[setting] = {
+            name: {"url": "", **checked} if setting == "bridges" else checked
+            for name, checked in entries.items()
+            if setting == "bridges" or "bridge" in checked
+        }
+        return True
+
+    def _url(self, path: Key, label: str, bridge: dict[str, Any]) -> None:
+        """A URL the bridges can use: a SQL database with its driver, or MongoDB with a
+        database. Nothing is imported or connected, and the URL is never shown (it may hold
+        a password)."""
+        url = bridge.get("url")
+        if url is None:
+            return
+        at = (*path, "url")
+        examples = (
+            "postgresql+asyncpg://, mysql+asyncmy://, mariadb+asyncmy://, "
+            "sqlite+aiosqlite:///, mongodb://"
+        )
+        scheme = _URL_SCHEME.match(url)
+        if scheme is None:
+            self.at(at, f"{label}.url is not a database URL ({examples})")
+            return
+        dialect, _, driver = scheme.group(1).partition("+")
+        if scheme.group(1) in _MONGO_SCHEMES:
+            if not urlsplit(url).path.strip("/") and not bridge.get("database"):
+                self.at(
+                    at,
+                    f"{label}: name the MongoDB database in the URL's path "
+                    "(mongodb://host/DATABASE) or in database = '...'",
+                )
+        elif dialect not in _SQL_DRIVERS:
+            self.at(
+                at, f"{label}.url: {scheme.group(1)!r} is not a SQL or MongoDB URL ({examples})"
+            )
+        elif not driver:
+            self.at(
+                at,
+                f"{label}.url: {dialect}:// names no driver; the bridges use an asyncio one: "
+                f"{dialect}+{_SQL_DRIVERS[dialect]}://",
+            )
+        elif not _port_parses(url):
+            self.at(
+                at,
+                f"{label}.url: its host and port do not parse (the port is a number up to "
+                "65535; percent-encode a / # ? or @ in the user name or password)",
+            )
+
+    def _map_type(self, path: Key, label: str, spec: dict[str, Any]) -> None:
+        """A map's type, as ``"module:Name"`` (not imported here), which the typed mode needs."""
+        kind = spec.get("type")
+        if kind is not None and not (isinstance(kind, str) and _TYPE_PATH.fullmatch(kind)):
+            self.at(
+                (*path, "type"),
+                f"{label}.type must be 'module:Name', a class importable where the service runs",
+            )
+        elif kind is None and spec.get("mode") == "typed":
+            self.at(
+                (*path, "mode"),
+                f"{label}: mode 'typed' makes columns of a msgspec.Struct's fields: set type = "
+                "'module:StructName', or use mode = 'document'",
+            )
+
+    def _tables(self, base: Key) -> None:
+        """Each map of a bridge in a table (or collection) of its own: two would overwrite
+        each other's rows. Names are compared regardless of case, as SQLite's are."""
+        first: dict[tuple[str, str], str] = {}
+        for name, spec in self._entries.get("maps", {}).items():
+            if "bridge" not in spec:
+                continue
+            table = spec.get("table") or name
+            other = first.setdefault((spec["bridge"], table.casefold()), name)
+            if other == name:
+                continue
+            line = self.lines.get((*base, "maps", other))
+            where = f" (line {line})" if line else ""
+            path = (*base, "maps", name, "table") if "table" in spec else (*base, "maps", name)
+            self.at(
+                path,
+                f"maps.{name}: table {table!r} of bridge {spec['bridge']!r} is maps.{other}'s "
+                f"too{where}: give each map a table of its own",
+            )
 
     def _tokens(self, base: Key, good: dict[str, Any], principals: Any) -> None:
         """Every token non-empty and used once, whether bare or a principal's (a principal
@@ -368,9 +532,57 @@ class _Checker:
             )
             if bad.intersection(named):
                 continue
+            entry = self._entry_of(message)
+            if entry is not None:
+                self._entry_problem(base, *entry, message)
+                continue
             in_file = [key for key in named if key in good]
             self.at((*base, in_file[0]) if in_file else None, message)
         return None
+
+    def _entry_of(self, message: str) -> tuple[str, str] | None:
+        """The [bridges.NAME] or [maps.NAME] table a ServiceConfig check is about, if any."""
+        about = [
+            (setting, name)
+            for setting, entries in self._entries.items()
+            for name in entries
+            if re.match(rf"{re.escape(setting)}\.{re.escape(name)}(?![\w-])", message)
+        ]
+        return max(about, key=lambda entry: len(entry[1]), default=None)
+
+    def _entry_problem(self, base: Key, setting: str, name: str, message: str) -> None:
+        """A check of one [bridges.NAME] or [maps.NAME] table, at the line of the key it is
+        about: of the keys it names that the table sets, the one whose value alone fails
+        it, else the first. Left out when it names a key of the wrong type."""
+        entry = self._entries[setting][name]
+        rest = message[len(f"{setting}.{name}") :]
+        named = sorted(
+            (key for key in _NAMED_FIELDS[setting] if _names_key(rest, key)),
+            key=lambda key: _names_key(rest, key),
+        )
+        if any((setting, name, key) in self._broken for key in named):
+            return
+        in_file = [key for key in named if key in entry]
+        if len(in_file) > 1:
+            in_file.sort(key=lambda key: not self._fails_alone(setting, name, key, message))
+        self.at((*base, setting, name, *in_file[:1]), message)
+
+    def _fails_alone(self, setting: str, name: str, key: str, message: str) -> bool:
+        """Whether the table's ``key``, with its other keys at their defaults, fails the
+        check that said ``message``."""
+        fields = _NAMED_FIELDS[setting]
+        entry = self._entries[setting][name]
+        alone = {k: v for k, v in entry.items() if k == key or fields[k].required}
+        values: dict[str, Any] = {
+            "bridges": {n: {"url": "", **b} for n, b in self._entries.get("bridges", {}).items()}
+        }
+        values[setting] = {name: {"url": "", **alone} if setting == "bridges" else alone}
+        try:
+            msgspec.convert(values, ServiceConfig, strict=False)
+        except msgspec.ValidationError as exc:
+            cause = exc.__cause__
+            return isinstance(cause, SettingProblems) and message in cause.problems
+        return False
 
 
 def _label(principal: dict[str, Any], index: int) -> str:
@@ -381,6 +593,21 @@ def _label(principal: dict[str, Any], index: int) -> str:
 def _names(message: str, key: str) -> int:
     """Where ``message`` names the setting ``key`` as a word (its offset + 1), or 0."""
     found = re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message)
+    return found.start() + 1 if found else 0
+
+
+def _port_parses(url: str) -> bool:
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return False
+    return port is None or port >= 0
+
+
+def _names_key(text: str, key: str) -> int:
+    """Where ``text`` names the table key ``key`` as a word, also after a dot (``maps.m.bridge``)
+    (its offset + 1), or 0."""
+    found = re.search(rf"(?<!\w){re.escape(key)}(?!\w)", text)
     return found.start() + 1 if found else 0
 
 
@@ -412,7 +639,8 @@ def check(path: str | Path) -> list[Problem]:
 
 
 def summary(config: ServiceConfig) -> str:
-    """One line: where it listens, who may connect, TLS, the data directory."""
+    """One line: where it listens, who may connect, TLS, the data directory, and the
+    database bridges with their maps."""
     scheme = "pss" if config.tls_cert else "ps"
     listeners = [f"{scheme}://{config.host}:{config.port}"]
     if config.unix_path is not None:
@@ -427,7 +655,16 @@ def summary(config: ServiceConfig) -> str:
     if config.tls_client_ca is not None:
         asked = "required" if config.tls_client_cert_required else "optional"
         tls += f" (client certificates {asked})"
-    return (
+    text = (
         f"listeners: {', '.join(listeners)}; principals: {who}; TLS: {tls}; "
         f"data_dir: {config.data_dir}"
     )
+    if config.bridges:  # their schemes and maps, not their URLs (passwords)
+        bridges = []
+        for name, bridge in config.bridges.items():
+            maps = [m for m, spec in config.maps.items() if spec.bridge == name]
+            scheme = bridge.url.partition("://")[0]
+            bridges.append(f"{name} ({scheme}: {', '.join(maps) or 'no maps'})")
+        every = f"every {config.flush_interval:g} s" if config.flush_interval else "on request"
+        text += f"; bridges: {', '.join(bridges)}; flush: {every} and on close"
+    return text
