@@ -65,6 +65,8 @@ async def run_flush(
 
         @client.on(FlushProgress)
         def progressed(packet: FlushProgress, _: Context) -> None:
+            if not tasks:
+                bars.start()  # at the first progress: a refused flush draws nothing
             task = tasks.get(packet.map)
             if task is None:
                 task = tasks[packet.map] = bars.add_task(f"map {packet.map}", total=packet.total)
@@ -72,25 +74,35 @@ async def run_flush(
 
         async with client:
             connected = True
-            with bars:
+            try:
                 done: FlushDone = await client.request(
                     "service", Flush(map_name, retry_rejected), timeout=wait
                 )
+            finally:
+                bars.stop()
     except PacketStackError as exc:
         raise explain(exc, url, connected, "flush", "flush") from exc
     console.print(summary_table(done.report))
     return done.report
 
 
+def _count(count: int) -> str:
+    return f"[red]{count:,}[/]" if count else "0"
+
+
 def summary_table(report: FlushReport) -> Table:
     table = Table(
         title=f"Flush: {report.seconds:.1f} s",
         title_justify="left",
-        caption=None if report.ok else "still dirty entries are written by the next flush",
+        caption=None
+        if report.ok
+        else "still dirty entries are written by the next flush; entries set aside wait for "
+        "a change or --retry-rejected (packetstack status lists them)",
         caption_justify="left",
     )
-    for column in ("map", "bridge", "written", "deleted", "set aside", "still dirty", "error"):
-        numeric = column in ("written", "deleted", "set aside", "still dirty")
+    columns = ("map", "bridge", "written", "deleted", "set aside", "set aside (all)", "still dirty")
+    for column in (*columns, "error"):
+        numeric = column in columns[2:]
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for result in report.maps:
         table.add_row(
@@ -98,8 +110,9 @@ def summary_table(report: FlushReport) -> Table:
             result.bridge,
             f"{result.written:,}",
             f"{result.deleted:,}",
-            f"[red]{result.set_aside:,}[/]" if result.set_aside else "0",
-            f"[red]{result.failed:,}[/]" if result.failed else "0",
+            _count(result.set_aside),
+            _count(result.still_set_aside),
+            _count(result.failed),
             result.error,
         )
     return table

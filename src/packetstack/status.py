@@ -141,9 +141,10 @@ def explain(
             "(ps:// or pss://, host and port)",
         )
     if isinstance(exc, RequestTimeout):
+        wait = "--wait" if command == "flush" else "--timeout"  # flush waits for the flush
         return StatusFailed(
             f"the service at {url} did not answer: {exc}",
-            "check that the service is not overloaded, or raise --timeout",
+            f"check that the service is not overloaded, or raise {wait}",
         )
     if isinstance(exc, ConfigError):
         return StatusFailed(str(exc), "check --url, --name and --token", exit_code=2)

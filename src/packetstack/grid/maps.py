@@ -171,7 +171,9 @@ class Map(Generic[K, V]):
         self._backend = backend
         self._decode_value = msgspec.msgpack.Decoder(value_type, dec_hook=_hooks.dec_hook).decode
         self._decode_key = msgspec.msgpack.Decoder(key_type, dec_hook=_hooks.dec_hook).decode
-        self._checked_type = value_type if isinstance(value_type, type) else None
+        # Python 3.11's Any is a class too: it, like object, takes anything.
+        anything = value_type is object or value_type is Any
+        self._checked_type = value_type if isinstance(value_type, type) and not anything else None
         self._listeners: list[Listener] = []
         self.near_cache: dict[bytes, bytes | None] | None = {} if near_cache else None
         self.near_hits = 0
@@ -190,7 +192,7 @@ class Map(Generic[K, V]):
 
     def _value(self, value: V) -> bytes:
         kind = self._checked_type
-        if kind is not None and kind is not object and not isinstance(value, kind):
+        if kind is not None and not isinstance(value, kind):
             raise TypeError(
                 f"map {self.name!r} holds {kind.__name__} values, not {type(value).__name__}"
             )

@@ -37,8 +37,11 @@ class MapFlush(msgspec.Struct, kw_only=True):
     bridge: str
     written: int = 0  # upserts that reached the database
     deleted: int = 0
-    set_aside: int = 0  # refused by the database, kept dirty with their error
+    set_aside: int = 0  # refused by the database in this flush, kept dirty with their error
     failed: int = 0  # still dirty: the database could not be reached
+    # Set aside after this flush, earlier ones included (skipped until they change or a
+    # flush retries them): what status lists.
+    still_set_aside: int = 0
     error: str = ""
 
 
@@ -66,8 +69,9 @@ class FlushReport(msgspec.Struct, kw_only=True):
 
     @property
     def ok(self) -> bool:
-        """Everything dirty reached its database (none failed, none set aside)."""
-        return not any(m.failed or m.set_aside or m.error for m in self.maps)
+        """Everything dirty reached its database: none failed, none is set aside (in this
+        flush or an earlier one)."""
+        return not any(m.failed or m.set_aside or m.still_set_aside or m.error for m in self.maps)
 
 
 class Bridged(msgspec.Struct):
@@ -107,8 +111,10 @@ class WriteBehind:
         *,
         retry_rejected: bool = False,
         progress: Progress | None = None,
+        down: dict[str, str] | None = None,
     ) -> FlushReport:
-        """Write every dirty entry (of one map, or all); one flush runs at a time."""
+        """Write every dirty entry (of one map, or all); one flush runs at a time. The
+        maps of the bridges in ``down`` (name: why) are left dirty with that error."""
         if map_name is not None and map_name not in self.maps:
             raise ConfigError(
                 f"map {map_name!r} has no bridge: configure [maps.{map_name}] with a bridge, "
@@ -119,7 +125,7 @@ class WriteBehind:
             started = time.monotonic()
             self.dirty = await self.journal.dirty_counts()
             report = FlushReport()
-            down: dict[str, str] = {}  # bridges that failed in this flush: why
+            down = dict(down or {})  # bridges that failed in this flush: why
             for name in names:
                 bridged = self.maps[name]
                 result = MapFlush(map=name, bridge=bridged.bridge)
@@ -140,9 +146,10 @@ class WriteBehind:
                 finally:
                     self.running.pop(name, None)
             self.dirty = await self.journal.dirty_counts()
-            for result in report.maps:
-                if result.error:  # what is left behind, now that the cleaning is committed
-                    dirty, set_aside = self.dirty.get(result.map, (0, 0))
+            for result in report.maps:  # now that the cleaning is committed
+                dirty, set_aside = self.dirty.get(result.map, (0, 0))
+                result.still_set_aside = set_aside
+                if result.error:
                     result.failed = dirty - set_aside
             report.seconds = time.monotonic() - started
             self.flushes += 1
@@ -195,7 +202,9 @@ class WriteBehind:
         deletes = [key for key, _, value in batch if value is None]
         name = bridged.spec.name
         try:
-            await self._retrying(bridged, lambda: store.write(name, upserts, deletes))
+            await self.retrying(
+                bridged.bridge, bridged.settings, lambda: store.write(name, upserts, deletes)
+            )
         except BridgeRejected as exc:
             if len(batch) == 1:
                 key, gen, _ = batch[0]
@@ -214,8 +223,11 @@ class WriteBehind:
             asyncio.ensure_future(self.journal.cleaned(name, [(k, g) for k, g, _ in batch]))
         )
 
-    async def _retrying(self, bridged: Bridged, attempt: Callable[[], Awaitable[None]]) -> None:
-        settings = bridged.settings
+    async def retrying(
+        self, bridge: str, settings: BridgeSettings, attempt: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``attempt`` until it does not raise BridgeUnavailable, waiting retry_delay,
+        twice that, ... (at most retry_max_delay) in between, at most ``retries`` times."""
         delay = settings.retry_delay
         for tries in range(1, settings.retries + 1):
             try:
@@ -227,7 +239,7 @@ class WriteBehind:
                 self.retries += 1
                 log.warning(
                     "bridge %s: %s; attempt %d of %d in %.1f s",
-                    bridged.bridge,
+                    bridge,
                     exc,
                     tries + 1,
                     settings.retries,

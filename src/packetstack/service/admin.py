@@ -20,6 +20,7 @@ from ..grid.writebehind import FlushReport
 
 SET_ASIDE_SHOWN = 1000  # entries set aside that a status report lists at most
 PROGRESS_EVERY = 0.2  # seconds between two progress packets of one map
+PROGRESS_TTL = 5.0  # seconds a progress packet waits for an asker that went away
 
 if TYPE_CHECKING:
     from .service import Service
@@ -87,7 +88,8 @@ def install_admin(service: Service) -> None:
             if done < total and now - sent.get(map_name, 0.0) < PROGRESS_EVERY:
                 return
             sent[map_name] = now
-            service.notify(ctx.sender, FlushProgress(map_name, done, total))
+            # Worthless once the asker is gone: it must not wait in a mailbox for long.
+            service.notify(ctx.sender, FlushProgress(map_name, done, total), ttl=PROGRESS_TTL)
 
         report = await service.flush(
             request.map, retry_rejected=request.retry_rejected, progress=progress

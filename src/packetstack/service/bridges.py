@@ -8,9 +8,10 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from functools import partial
 from typing import Any
 
-from ..errors import BridgeUnavailable, ConfigError
+from ..errors import BridgeError, BridgeUnavailable, ConfigError
 from ..grid.journal import Journal
 from ..grid.partitions import partition_of
 from ..grid.writebehind import Bridged, FlushReport, Progress, WriteBehind
@@ -124,13 +125,17 @@ class ServiceBridges:
             if map_name is not None:
                 raise ConfigError(f"map {map_name!r} has no bridge: no [maps] are configured")
             return FlushReport()
+        down: dict[str, str] = {}
         for name in {b.bridge for b in self.maps.values()} - self._opened:
             try:
-                await self._open_store(name)
-            except BridgeUnavailable as exc:
-                log.error("%s (the flush will retry it)", exc)
+                await self.write_behind.retrying(
+                    name, self.config.bridges[name], partial(self._open_store, name)
+                )
+            except BridgeError as exc:  # unreachable, or its table does not fit the map
+                log.error("%s (its maps stay dirty)", exc)
+                down[name] = str(exc)
         report = await self.write_behind.flush(
-            map_name, retry_rejected=retry_rejected, progress=progress
+            map_name, retry_rejected=retry_rejected, progress=progress, down=down
         )
         stats = self.stats
         stats["flushes"] += 1
@@ -214,9 +219,10 @@ class ServiceBridges:
 
 
 def summary(report: FlushReport) -> str:
+    set_aside = sum(m.still_set_aside for m in report.maps)
     text = (
-        f"{report.written} written, {report.deleted} deleted, {report.set_aside} set aside, "
-        f"{report.failed} still dirty, in {report.seconds:.1f} s"
+        f"{report.written} written, {report.deleted} deleted, {report.set_aside} set aside "
+        f"({set_aside} in all), {report.failed} still dirty, in {report.seconds:.1f} s"
     )
     errors = {m.error for m in report.maps if m.error}
     return text + ("" if not errors else " (" + "; ".join(sorted(errors)) + ")")

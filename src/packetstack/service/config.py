@@ -164,9 +164,17 @@ def _bridge_problems(config: ServiceConfig) -> list[str]:
             problems.append(f"bridges.{name}: batch and retries must be at least 1")
         if not 0 < bridge.retry_delay <= bridge.retry_max_delay:
             problems.append(f"bridges.{name}: retry_delay must be > 0 and <= retry_max_delay")
-        if bridge.connect_timeout <= 0:
-            problems.append(f"bridges.{name}: connect_timeout must be > 0 seconds")
+        if bridge.connect_timeout <= 0 or bridge.timeout <= 0:
+            problems.append(f"bridges.{name}: connect_timeout and timeout must be > 0 seconds")
+    tables: dict[tuple[str, str], str] = {}
     for name, spec in config.maps.items():
+        table = (spec.bridge, spec.table or name)
+        if table in tables:
+            problems.append(
+                f"maps.{name} and maps.{tables[table]} both use table {table[1]!r} of bridge "
+                f"{spec.bridge!r}: set table = '...' on one of them"
+            )
+        tables[table] = name
         if spec.bridge not in config.bridges:
             known = ", ".join(sorted(config.bridges)) or "none is configured"
             problems.append(

@@ -204,7 +204,9 @@ class Mailboxes:
         if waiting:
             log.info("%d packets wait in %d mailboxes", waiting, len(state["mailboxes"]))
 
-    async def close(self) -> None:
+    async def save(self) -> None:
+        """Stop the sweeper and replays and queue every in-flight packet for the store
+        (close() commits them; the grid's last flush may run in between)."""
         if self.store.closed:
             return
         if self._sweeper is not None:
@@ -215,6 +217,11 @@ class Mailboxes:
                 ending.replay.cancel()
             self.detach(ending)
         self._flush()
+
+    async def close(self) -> None:
+        if self.store.closed:
+            return
+        await self.save()
         await self.store.close()
 
     # -------------------------------------------------------------- endings

@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..grid.writebehind import FlushReport, Progress
 from ..notices import Expired
-from ..peer import Peer
+from ..peer import Peer, ttl_ms
 from ..protocol import (
     PROTOCOL_VERSION,
     SERVICE_NAME,
@@ -240,8 +240,13 @@ class Service(Peer):
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        self.last_flush = await self.grid.close()
-        await self.mailboxes.close()  # every in-flight packet is in a mailbox before this ends
+        # In-flight packets go to the store before the grid's last flush, which may take a
+        # while (a database that cannot be reached is retried): a kill meanwhile loses none.
+        await self.mailboxes.save()
+        try:
+            self.last_flush = await self.grid.close()
+        finally:
+            await self.mailboxes.close()  # commits what save() queued, closes the store
         if self.config.unix_path is not None:
             # Python 3.11's loop leaves the socket file behind; the next start would reuse it
             # anyway, but a stale file misleads anyone looking.
@@ -340,10 +345,13 @@ class Service(Peer):
     def _stop_dispatcher(self, session: Session) -> None:
         self.in_background(session.dispatcher.stop())
 
-    def notify(self, name: str, packet: Packet) -> None:
+    def notify(self, name: str, packet: Packet, ttl: float | None = None) -> None:
         """Send the service's own ``packet`` to the ending ``name`` without waiting (into
-        its mailbox when it is not connected)."""
-        self._transmit(self._addressed(name, packet, 0), packet, False)
+        its mailbox when it is not connected, for ``ttl`` seconds or mailbox_ttl)."""
+        header = self._addressed(name, packet, 0)
+        if ttl is not None:
+            header.ttl = ttl_ms(ttl)
+        self._transmit(header, packet, False)
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that close() waits for. The loop keeps only weak

@@ -51,6 +51,7 @@ class BridgeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_delay: float = 0.5  # seconds before the first retry; doubles each time
     retry_max_delay: float = 30.0
     connect_timeout: float = 10.0
+    timeout: float = 60.0  # seconds one batch or read may take before it is retried
 
 
 class MapSpec(msgspec.Struct, kw_only=True):
@@ -137,12 +138,23 @@ class EntryCodec:
         key = _decode_any(encoded)
         if type(key) not in self._key_types or (self.spec.key == "int" and type(key) is bool):
             raise BridgeRejected(
-                f"key {key!r} of map {self.spec.name!r} is not a {self.spec.key} "
+                f"key {key!r} of map {self.spec.name!r} is not of the map's key kind "
                 f"(maps.{self.spec.name}.key = {self.spec.key!r})"
             )
         if self.spec.key == "tuple":
             return _json_encode(key).decode()
         return key
+
+    def delete_keys(self, encoded: Sequence[bytes]) -> list[Any]:
+        """The database keys of keys to delete; a key of another kind than the map's can
+        never have been written, so there is nothing to delete for it."""
+        keys = []
+        for key in encoded:
+            try:
+                keys.append(self.key(key))
+            except BridgeRejected:
+                continue
+        return keys
 
     def encoded_key(self, key: Any) -> bytes:
         """The grid key of a database key (the reverse of :meth:`key`)."""

@@ -1,7 +1,8 @@
 """The MongoDB bridge, through pymongo's native async API.
 
 One collection per map; the key is ``_id`` (tuple keys as their JSON text), a Struct's or
-a dict's fields are the document, any other value is kept as ``{"_id": key, "value": v}``.
+a dict's fields are the document, any other value is kept as ``{"_id": key, "value": v}``
+(and so is a document whose only field is ``value``, which would read back ambiguously).
 A flush is one unordered ``bulk_write`` of ReplaceOne(upsert) and DeleteOne per batch.
 
 Values are stored as JSON-compatible data plus bytes (BSON binary): dates, times, UUIDs
@@ -38,6 +39,7 @@ except ImportError as missing:  # pragma: no cover - depends on the installed ex
     ) from missing
 
 from bson.errors import InvalidDocument
+from bson.int64 import Int64
 
 WRAPPED = "value"  # the field holding a value that is not a document
 # Codes of write errors caused by the document itself (retrying it would fail again).
@@ -69,6 +71,7 @@ class MongoStore:
             self.settings.url,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=int(self.settings.timeout * 1000),
             uuidRepresentation="standard",
         )
         for spec in maps:
@@ -96,7 +99,7 @@ class MongoStore:
         for key, value in upserts:
             _id = codec.key(key)
             requests.append(ReplaceOne({"_id": _id}, _document(codec, _id, value), upsert=True))
-        requests.extend(DeleteOne({"_id": codec.key(key)}) for key in deletes)
+        requests.extend(DeleteOne({"_id": key}) for key in codec.delete_keys(deletes))
         if not requests:
             return
         try:
@@ -153,7 +156,7 @@ class MongoStore:
 
 def _document(codec: EntryCodec, _id: Any, value: bytes) -> dict[str, Any]:
     data = msgspec.to_builtins(codec.value(value), builtin_types=(bytes,), enc_hook=_hooks.enc_hook)
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or set(data) == {WRAPPED}:
         return {"_id": _id, WRAPPED: data}
     if "_id" in data:
         raise BridgeRejected(
@@ -164,12 +167,22 @@ def _document(codec: EntryCodec, _id: Any, value: bytes) -> dict[str, Any]:
 
 
 def _entry(codec: EntryCodec, document: dict[str, Any]) -> Entry:
+    document = _plain(document)
     key = codec.encoded_key(document.pop("_id"))
-    value_type = codec.spec.value_type
-    wrapped = set(document) == {WRAPPED} and not (
-        isinstance(value_type, type) and issubclass(value_type, msgspec.Struct | dict)
-    )
+    wrapped = set(document) == {WRAPPED}
     return key, codec.encoded_value(document[WRAPPED] if wrapped else document)
+
+
+def _plain(value: Any) -> Any:
+    """BSON's own types as Python's: pymongo reads 64-bit integers as bson.Int64, an int
+    subclass msgpack does not take."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Int64):
+        return int(value)
+    return value
 
 
 def _unavailable(exc: PyMongoError, doing: str) -> BridgeUnavailable:

@@ -9,6 +9,7 @@ whose columns do not fit is refused at open() with BridgeSchemaError naming the 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import logging
@@ -67,7 +68,7 @@ class SQLStore:
         self.settings = settings
         try:
             url = sa.make_url(settings.url)
-        except sa_exc.ArgumentError as exc:
+        except (sa_exc.ArgumentError, ValueError) as exc:  # ValueError: a port that is no number
             raise ConfigError(f"bridges.{name}.url is not a database URL: {exc}") from exc
         self.url = url
         self.shown_url = url.render_as_string(hide_password=True)
@@ -79,7 +80,7 @@ class SQLStore:
                 f"bridges.{name}.url: {self.dialect!r} is not a supported SQL database "
                 "(postgresql+asyncpg, mysql+asyncmy or mariadb+asyncmy, sqlite+aiosqlite)"
             )
-        self._engine: AsyncEngine | None = None
+        self._engine: AsyncEngine | None = self._create_engine()  # connects on first use
         self._maps: dict[str, _Table] = {}
 
     def _create_engine(self) -> AsyncEngine:
@@ -97,25 +98,30 @@ class SQLStore:
                 json_deserializer=msgspec.json.decode,
                 pool_pre_ping=True,
             )
-        except (ImportError, sa_exc.ArgumentError) as exc:
+        except (ImportError, sa_exc.ArgumentError, sa_exc.InvalidRequestError) as exc:
             raise ConfigError(
-                f"bridges.{self.name}.url {self.shown_url}: {exc} (install the driver: "
+                f"bridges.{self.name}.url {self.shown_url}: {exc} (use an async driver: "
+                "postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite, installed by "
                 "pip install 'packetstack[postgres]', '[mysql]' or '[sqlite]')"
             ) from exc
 
     async def open(self, maps: Sequence[MapSpec]) -> None:
-        self._engine = self._create_engine()
+        if self._engine is None:
+            self._engine = self._create_engine()
         metadata = sa.MetaData()
         for spec in maps:
             self._maps[spec.name] = _Table(spec, metadata, self.dialect)
+        limit = self.settings.connect_timeout + self.settings.timeout
         try:
-            async with self._engine.begin() as conn:
+            # Some drivers bound only the TCP connect: a server that accepts and never
+            # answers must not hang the service's start.
+            async with asyncio.timeout(limit), self._engine.begin() as conn:
                 for table in self._maps.values():
                     await conn.run_sync(table.create_or_check, self.name)
         except BridgeSchemaError:
             raise
         except Exception as exc:
-            raise _classified(exc, f"bridge {self.name!r} ({self.shown_url})") from exc
+            raise _classified(exc, f"bridge {self.name!r} ({self.shown_url})", limit) from exc
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -130,16 +136,18 @@ class SQLStore:
     ) -> None:
         table = self._table(map_name)
         rows = [table.row(key, value) for key, value in upserts]
-        keys = [table.codec.key(key) for key in deletes]
+        keys = table.codec.delete_keys(deletes)
         assert self._engine is not None, "open() the bridge first"
+        limit = self.settings.timeout
         try:
-            async with self._engine.begin() as conn:
+            async with asyncio.timeout(limit), self._engine.begin() as conn:
                 if rows:
                     await conn.execute(table.upsert, rows)
                 if keys:
                     await conn.execute(table.delete_where(keys))
         except Exception as exc:
-            raise _classified(exc, f"writing map {map_name!r} to bridge {self.name!r}") from exc
+            doing = f"writing map {map_name!r} to bridge {self.name!r}"
+            raise _classified(exc, doing, limit) from exc
 
     async def load(self, map_name: str, key: bytes) -> bytes | None:
         return (await self.load_many(map_name, [key])).get(key)
@@ -171,12 +179,14 @@ class SQLStore:
 
     async def _raw_rows(self, query: sa.Select[Any], map_name: str) -> Sequence[sa.Row[Any]]:
         assert self._engine is not None, "open() the bridge first"
+        limit = self.settings.timeout
         try:
-            async with self._engine.connect() as conn:
+            async with asyncio.timeout(limit), self._engine.connect() as conn:
                 rows: Sequence[sa.Row[Any]] = (await conn.execute(query)).all()
                 return rows
         except Exception as exc:
-            raise _classified(exc, f"reading map {map_name!r} from bridge {self.name!r}") from exc
+            doing = f"reading map {map_name!r} from bridge {self.name!r}"
+            raise _classified(exc, doing, limit) from exc
 
 
 class _Table:
@@ -284,13 +294,33 @@ class _Table:
             )
 
 
-def _classified(exc: BaseException, doing: str) -> Exception:
+# MySQL/MariaDB errors about the data itself: too long, out of range, wrong value, NULL,
+# duplicate or foreign key, invalid JSON, a failed CHECK.
+_MYSQL_DATA_ERRORS = frozenset({1048, 1062, 1264, 1292, 1366, 1406, 1452, 3140, 3819, 4025})
+
+
+def _refused_data(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
+        return True
+    if isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError):
+        return True  # a value the driver could not even send
+    orig = getattr(exc, "orig", None)
+    # PostgreSQL (asyncpg through SQLAlchemy's adapter: often a plain DBAPIError): SQLSTATE
+    # class 22 is a data exception, 23 an integrity constraint.
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23"):
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] in _MYSQL_DATA_ERRORS
+
+
+def _classified(exc: BaseException, doing: str, limit: float) -> Exception:
     """BridgeRejected for errors in the data, BridgeUnavailable for everything else."""
     if isinstance(exc, BridgeRejected | BridgeUnavailable):
         return exc
-    if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError) or (
-        isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError)
-    ):
+    if isinstance(exc, TimeoutError):
+        return BridgeUnavailable(f"{doing}: no answer within {limit:g} s")
+    if _refused_data(exc):
         return BridgeRejected(f"{doing}: the database refused the data: {_short(exc)}")
     return BridgeUnavailable(f"{doing}: {_short(exc)}")
 
@@ -304,7 +334,9 @@ def _short(exc: BaseException) -> str:
 
 
 def _json_type() -> sa.types.TypeEngine[Any]:
-    return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+    # JSON, not PostgreSQL's JSONB: JSONB rewrites numbers (1e20 comes back as an integer)
+    # and key order; JSON keeps the text as written, so values round-trip exactly.
+    return sa.JSON()
 
 
 def _key_type(spec: MapSpec, dialect: str) -> sa.types.TypeEngine[Any]:
@@ -312,8 +344,9 @@ def _key_type(spec: MapSpec, dialect: str) -> sa.types.TypeEngine[Any]:
         return sa.BigInteger()
     if spec.key == "bytes":
         return sa.LargeBinary().with_variant(mysql.VARBINARY(255), "mysql", "mariadb")
-    # MySQL cannot index TEXT without a length: keys there are up to 255 characters.
-    return sa.Text().with_variant(sa.String(255), "mysql", "mariadb")
+    # MySQL cannot index TEXT without a length: keys there are up to 255 characters, and
+    # compared byte for byte (the default collation would make 'a', 'A' and 'a ' one key).
+    return sa.Text().with_variant(sa.String(255, collation="utf8mb4_bin"), "mysql", "mariadb")
 
 
 def _key_category(spec: MapSpec) -> str:
@@ -367,7 +400,7 @@ def _column(field: msgspec.structs.FieldInfo, dialect: str) -> Column:
 
 def _datetime_column(name: str, nullable: bool, aware: bool, dialect: str) -> Column:
     if dialect == "postgresql" and aware:
-        return Column(name, sa.DateTime(timezone=True), nullable, category="datetime")
+        return Column(name, sa.DateTime(timezone=True), nullable, category="datetime_tz")
     # Elsewhere the column keeps no zone: aware values go in as UTC and come back as UTC.
     sql = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
@@ -398,4 +431,10 @@ _CATEGORIES: dict[str, tuple[type[Any], ...]] = {
 
 
 def _fits(found: sa.types.TypeEngine[Any], category: str) -> bool:
+    if category == "datetime_tz":  # PostgreSQL keeps the zone only in timestamptz
+        return isinstance(found, sa.DateTime) and bool(found.timezone)
+    if category == "datetime" and isinstance(found, mysql.DATETIME | mysql.TIMESTAMP):
+        return (found.fsp or 0) >= 6  # DATETIME without (6) drops the microseconds
+    if category == "time" and isinstance(found, mysql.TIME):
+        return (found.fsp or 0) >= 6
     return isinstance(found, _CATEGORIES[category])
