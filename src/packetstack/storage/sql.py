@@ -109,16 +109,18 @@ class SQLStore:
         if self._engine is None:
             self._engine = self._create_engine()
         metadata = sa.MetaData()
-        for spec in maps:
-            self._maps[spec.name] = _Table(spec, metadata, self.dialect)
         limit = self.settings.connect_timeout + self.settings.timeout
         try:
             # Some drivers bound only the TCP connect: a server that accepts and never
             # answers must not hang the service's start.
             async with asyncio.timeout(limit), self._engine.begin() as conn:
-                for table in self._maps.values():
+                # Known once connected: a mysql:// URL may lead to MariaDB.
+                mariadb = bool(getattr(conn.dialect, "is_mariadb", False))
+                tables = [_Table(spec, metadata, self.dialect, mariadb) for spec in maps]
+                for table in tables:
                     await conn.run_sync(table.create_or_check, self.name)
-        except BridgeSchemaError:
+            self._maps.update((table.spec.name, table) for table in tables)
+        except ConfigError:  # a table that does not fit (BridgeSchemaError), a field clash
             raise
         except Exception as exc:
             raise _classified(exc, f"bridge {self.name!r} ({self.shown_url})", limit) from exc
@@ -129,7 +131,13 @@ class SQLStore:
             self._engine = None
 
     def _table(self, map_name: str) -> _Table:
-        return self._maps[map_name]
+        table = self._maps.get(map_name)
+        if table is None:  # its open() did not get through
+            raise BridgeUnavailable(
+                f"bridge {self.name!r} ({self.shown_url}) has not been opened for map "
+                f"{map_name!r}: its database could not be reached, or open() was not called"
+            )
+        return table
 
     async def write(
         self, map_name: str, upserts: Sequence[Entry], deletes: Sequence[bytes]
@@ -192,11 +200,11 @@ class SQLStore:
 class _Table:
     """One map's table, its statements and its row conversions."""
 
-    def __init__(self, spec: MapSpec, metadata: sa.MetaData, dialect: str) -> None:
+    def __init__(self, spec: MapSpec, metadata: sa.MetaData, dialect: str, mariadb: bool) -> None:
         self.spec = spec
         self.codec = EntryCodec(spec)
         self.dialect = dialect
-        key = Column(spec.key_column, _key_type(spec, dialect), False, category=_key_category(spec))
+        key = Column(spec.key_column, _key_type(spec, mariadb), False, category=_key_category(spec))
         if spec.mode == "typed":
             assert spec.value_type is not None
             fields = [_column(f, dialect) for f in msgspec.structs.fields(spec.value_type)]
@@ -300,6 +308,8 @@ _MYSQL_DATA_ERRORS = frozenset({1048, 1062, 1264, 1292, 1366, 1406, 1452, 3140, 
 
 
 def _refused_data(exc: BaseException) -> bool:
+    if isinstance(exc, OverflowError):  # SQLite binding an integer past 64 bits
+        return True
     if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
         return True
     if isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError):
@@ -339,14 +349,16 @@ def _json_type() -> sa.types.TypeEngine[Any]:
     return sa.JSON()
 
 
-def _key_type(spec: MapSpec, dialect: str) -> sa.types.TypeEngine[Any]:
+def _key_type(spec: MapSpec, mariadb: bool) -> sa.types.TypeEngine[Any]:
     if spec.key == "int":
         return sa.BigInteger()
     if spec.key == "bytes":
         return sa.LargeBinary().with_variant(mysql.VARBINARY(255), "mysql", "mariadb")
     # MySQL cannot index TEXT without a length: keys there are up to 255 characters, and
-    # compared byte for byte (the default collation would make 'a', 'A' and 'a ' one key).
-    return sa.Text().with_variant(sa.String(255, collation="utf8mb4_bin"), "mysql", "mariadb")
+    # compared byte for byte without padding (the default collation makes 'a', 'A' and
+    # 'a ' one key; utf8mb4_bin still ignores trailing spaces).
+    collation = "utf8mb4_nopad_bin" if mariadb else "utf8mb4_0900_bin"
+    return sa.Text().with_variant(sa.String(255, collation=collation), "mysql", "mariadb")
 
 
 def _key_category(spec: MapSpec) -> str:
@@ -433,6 +445,8 @@ _CATEGORIES: dict[str, tuple[type[Any], ...]] = {
 def _fits(found: sa.types.TypeEngine[Any], category: str) -> bool:
     if category == "datetime_tz":  # PostgreSQL keeps the zone only in timestamptz
         return isinstance(found, sa.DateTime) and bool(found.timezone)
+    if category == "datetime" and isinstance(found, sa.DateTime) and found.timezone:
+        return False  # timestamptz would hand back aware values for a naive field
     if category == "datetime" and isinstance(found, mysql.DATETIME | mysql.TIMESTAMP):
         return (found.fsp or 0) >= 6  # DATETIME without (6) drops the microseconds
     if category == "time" and isinstance(found, mysql.TIME):
