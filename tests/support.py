@@ -478,3 +478,209 @@ async def closed_by_service(peer: RawPeer, timeout: float) -> list[int]:
     except TimeoutError:
         pytest.fail(f"the service kept the connection open for {timeout} s: {peer.events[-3:]}")
     return peer.close_codes()
+
+
+# ------------------------------------------------------------ database bridges
+
+# The machine's SQL servers for bridge tests; SQLite is a file in the test's tmp_path.
+SQL_SERVERS: dict[str, tuple[str, int]] = {
+    "postgresql": ("postgresql+asyncpg://postgres@127.0.0.1:5432/test", 5432),
+    "mariadb": ("mysql+asyncmy://root@127.0.0.1:3306/test", 3306),
+}
+
+
+class SqlDatabase:
+    """One SQL database of a bridge test: its URL, uniquely named tables (``name()``; all
+    dropped by ``drop()``, which a fixture runs even when the test fails) and direct reads
+    with SQLAlchemy, independent of the code under test. ``kind``: postgresql, mariadb or
+    sqlite; ``port``: the server's (None for SQLite)."""
+
+    def __init__(self, kind: str, url: str, port: int | None) -> None:
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.pool import NullPool
+
+        self.kind = kind
+        self.url = url
+        self.port = port
+        self.engine = create_async_engine(url, poolclass=NullPool)
+        self.tables: list[str] = []
+
+    def name(self, prefix: str) -> str:
+        """A table (and map) name no other test uses, dropped at the end."""
+        name = f"{prefix}_{os.getpid()}_{next(_table_numbers)}_{os.urandom(3).hex()}"
+        self.tables.append(name)
+        return name
+
+    def through(self, port: int) -> str:
+        """This database's URL with its port replaced (a proxy's on 127.0.0.1)."""
+        import sqlalchemy as sa
+
+        url = sa.make_url(self.url).set(host="127.0.0.1", port=port)
+        return url.render_as_string(hide_password=False)
+
+    async def execute(self, statement: object, rows: list[dict[str, object]] | None = None) -> None:
+        """Run ``statement`` (SQL text or a SQLAlchemy statement) in a transaction."""
+        import sqlalchemy as sa
+
+        if isinstance(statement, str):
+            statement = sa.text(statement)
+        async with self.engine.begin() as conn:
+            await conn.execute(statement, rows)  # type: ignore[arg-type]
+
+    async def rows(
+        self, table: str, *columns: str, json: tuple[str, ...] = ()
+    ) -> list[tuple[object, ...]]:
+        """Every row of ``table`` (those columns), sorted in Python (collations differ);
+        the ``json`` columns decoded where the driver gives JSON back as text (asyncpg
+        decodes it itself)."""
+        import sqlalchemy as sa
+
+        query = sa.select(*(sa.column(c) for c in columns)).select_from(sa.table(table))
+        async with self.engine.connect() as conn:
+            found = (await conn.execute(query)).all()
+        decode = [c in json and self.kind != "postgresql" for c in columns]
+        return sorted(
+            tuple(
+                msgspec.json.decode(cell) if json_cell and isinstance(cell, str | bytes) else cell
+                for json_cell, cell in zip(decode, row, strict=True)
+            )
+            for row in found
+        )
+
+    async def count(self, table: str) -> int:
+        import sqlalchemy as sa
+
+        query = sa.select(sa.func.count()).select_from(sa.table(table))
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def exists(self, table: str) -> bool:
+        import sqlalchemy as sa
+
+        async with self.engine.connect() as conn:
+            return bool(await conn.run_sync(lambda sync: sa.inspect(sync).has_table(table)))
+
+    async def drop(self) -> None:
+        """Drop every table named by ``name()`` (DROP TABLE IF EXISTS), then let go."""
+        import sqlalchemy as sa
+
+        quote = self.engine.dialect.identifier_preparer.quote
+        try:
+            for table in self.tables:
+                async with self.engine.begin() as conn:
+                    await conn.execute(sa.text(f"DROP TABLE IF EXISTS {quote(table)}"))
+        finally:
+            await self.engine.dispose()
+
+
+_table_numbers = itertools.count()
+
+
+def sql_database(kind: str, tmp_path: Path) -> SqlDatabase:
+    """The SqlDatabase of ``kind``: a real server (skipped locally, failed under CI=true
+    when it is not listening) or an SQLite file in ``tmp_path``."""
+    if kind == "sqlite":
+        return SqlDatabase(kind, f"sqlite+aiosqlite:///{tmp_path / 'bridge.sqlite'}", None)
+    from conftest import require_server
+
+    url, port = SQL_SERVERS[kind]
+    require_server(kind, "127.0.0.1", port)
+    return SqlDatabase(kind, url, port)
+
+
+class DatabaseProxy(TcpProxy):
+    """A TcpProxy in front of a database that can go away: ``down()`` cuts every proxied
+    connection and stops listening (new connections are refused), ``up()`` listens again
+    on the same port. ``down()`` is synchronous: a flush's progress callback may call it."""
+
+    def down(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def up(self) -> None:
+        assert self._server is None and self.port, "start() it first, and down() before up()"
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+
+class Player(msgspec.Struct):
+    """The value type of the bridge tests' typed maps (a column per field)."""
+
+    name: str
+    score: int
+    level: int | None = None
+
+
+# The same type for `packetstack serve` children (``type = "bridge_types:Player"``):
+# written into the test's tmp_path as bridge_types.py, which goes on their PYTHONPATH.
+BRIDGE_TYPES = """
+import msgspec
+
+
+class Player(msgspec.Struct):
+    name: str
+    score: int
+    level: int | None = None
+"""
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()  # a JSON string is a TOML basic string
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def bridge_config(
+    path: Path,
+    bridges: dict[str, dict[str, object]],
+    maps: dict[str, dict[str, object]],
+    **settings: object,
+) -> Path:
+    """Write a service config file with ``settings`` at the top, ``[bridges.NAME]`` and
+    ``[maps.NAME]`` tables; return its path."""
+    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
+    for kind, tables in (("bridges", bridges), ("maps", maps)):
+        for name, table in tables.items():
+            lines.append(f"\n[{kind}.{name}]")
+            lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bridge_service(tmp_path: Path, config: Path, port: int | None = None) -> ServiceProcess:
+    """A ServiceProcess of ``packetstack serve --config config`` that can import
+    bridge_types (written into ``tmp_path``)."""
+    (tmp_path / "bridge_types.py").write_text(BRIDGE_TYPES)
+    env = clean_env(PYTHONPATH=str(tmp_path))
+    return ServiceProcess(
+        free_port() if port is None else port, tmp_path, env, serve_args=("--config", str(config))
+    )
+
+
+async def exited(proc: subprocess.Popen[bytes], timeout: float, what: str) -> int:
+    """Wait (without blocking the event loop) for ``proc`` to exit; its return code."""
+    await wait_until(lambda: proc.poll() is not None, timeout, what)
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+async def until(check: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll ``await check()`` until it is true (failing the test after ``timeout``); the
+    seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await check():  # type: ignore[misc]
+        if loop.time() - start > timeout:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return loop.time() - start
+
+
+def player_rows(players: dict[str, Player]) -> list[tuple[object, ...]]:
+    """The rows a typed Player table (``key, name, score, level``) holds for ``players``."""
+    return sorted((k, p.name, p.score, p.level) for k, p in players.items())

@@ -6,6 +6,10 @@ from .codec import Packet, register_type
 from .dispatch import Context
 from .errors import (
     AuthenticationFailed,
+    BridgeError,
+    BridgeRejected,
+    BridgeSchemaError,
+    BridgeUnavailable,
     CodecError,
     ConfigError,
     ConnectionClosed,
@@ -27,13 +31,20 @@ from .errors import (
     UnknownPacketType,
 )
 from .grid import EntryEvent, Map
+from .grid.writebehind import FlushReport, MapFlush
 from .notices import Expired
 from .service import Principal, Service, ServiceConfig
+from .storage import BridgeSettings, MapBridge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationFailed",
+    "BridgeError",
+    "BridgeRejected",
+    "BridgeSchemaError",
+    "BridgeSettings",
+    "BridgeUnavailable",
     "Client",
     "CodecError",
     "ConfigError",
@@ -43,11 +54,14 @@ __all__ = [
     "DeliveryError",
     "EntryEvent",
     "Expired",
+    "FlushReport",
     "GridError",
     "HandshakeRefused",
     "InvalidName",
     "MailboxFull",
     "Map",
+    "MapBridge",
+    "MapFlush",
     "OutboxFull",
     "Packet",
     "PacketStackError",

@@ -130,7 +130,8 @@ class WriteBehind:
                 bridged = self.maps[name]
                 result = MapFlush(map=name, bridge=bridged.bridge)
                 report.maps.append(result)
-                total = self.dirty.get(name, (0, 0))[0]
+                dirty, set_aside = self.dirty.get(name, (0, 0))
+                total = dirty if retry_rejected else dirty - set_aside  # what it will try
                 if bridged.bridge in down:
                     result.error = down[bridged.bridge]
                     continue

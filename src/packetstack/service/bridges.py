@@ -37,6 +37,7 @@ class ServiceBridges:
         self.write_behind = WriteBehind(journal, self.stores, maps)
         self._opened: set[str] = set()  # stores whose open() succeeded
         self._interval: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def maps(self) -> dict[str, Bridged]:
@@ -157,7 +158,10 @@ class ServiceBridges:
                 log.info("interval flush: %s", summary(report))
 
     async def close(self) -> FlushReport | None:
-        """The last flush (if any map has a bridge), then close every bridge."""
+        """The last flush (if any map has a bridge), then close every bridge. Once."""
+        if self._closed:
+            return None
+        self._closed = True
         if self._interval is not None:
             self._interval.cancel()
             with contextlib.suppress(asyncio.CancelledError):
