@@ -52,17 +52,6 @@ from ..codec import _hooks, encode
 from ..errors import BridgeRejected
 from ..storage.bridge import Entry, KeyKind, MapSpec, Mode, Store
 
-__all__ = [
-    "CHECKS",
-    "AllTypes",
-    "Check",
-    "Colour",
-    "ConformanceFailure",
-    "Inner",
-    "StoreBackend",
-    "check_store",
-]
-
 
 class ConformanceFailure(AssertionError):
     """A store did not do what the Store protocol asks; the message says what and where."""
