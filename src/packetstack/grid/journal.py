@@ -37,7 +37,8 @@ from ..errors import ConfigError
 from ..storage import EmbeddedStore, Statement
 from .ops import Kind, Op, Row
 
-Dirty = tuple[bytes, int, bytes | None]  # (key, generation, value; None: deleted)
+# (key, generation, value or None: deleted, whether a flush set it aside before)
+Dirty = tuple[bytes, int, bytes | None, bool]
 
 log = logging.getLogger("packetstack.grid")
 
@@ -91,10 +92,16 @@ _DIRTY_CLEARED = (
     "INSERT INTO grid_dirty (map, key, part, gen) SELECT map, key, part, ? FROM grid "
     "WHERE part = ? AND map = ? ON CONFLICT (map, key) DO UPDATE SET gen = excluded.gen"
 )
-_NOT_REJECTED = (
-    "AND NOT EXISTS (SELECT 1 FROM grid_rejected r "
-    "WHERE r.map = d.map AND r.key = d.key AND r.gen = d.gen)"
+# An entry past its expiry that the sweeper has not removed yet is gone: a delete.
+_DIRTY_PAGE = (
+    "SELECT d.key, d.gen, CASE WHEN g.expires > 0 AND g.expires <= ? THEN NULL "
+    "ELSE g.value END, r.gen IS NOT NULL FROM grid_dirty d "
+    "LEFT JOIN grid g ON g.part = d.part AND g.map = d.map AND g.key = d.key "
+    "LEFT JOIN grid_rejected r ON r.map = d.map AND r.key = d.key "
+    "WHERE d.map = ? AND d.key > ? "
 )
+_NOT_REJECTED = "AND (r.gen IS NULL OR r.gen != d.gen) "
+_DIRTY_PAGE_END = "ORDER BY d.key LIMIT ?"
 _CLEAN = "DELETE FROM grid_dirty WHERE map = ? AND key = ? AND gen = ?"
 _UNREJECT = "DELETE FROM grid_rejected WHERE map = ? AND key = ?"
 _REJECT = "INSERT OR REPLACE INTO grid_rejected (map, key, gen, error, at) VALUES (?, ?, ?, ?, ?)"
@@ -323,24 +330,17 @@ class Journal:
         self, map_name: str, after: bytes | None, limit: int, retry_rejected: bool
     ) -> list[Dirty]:
         """Up to ``limit`` dirty entries of a map with keys after ``after``, in key order:
-        (key, generation, value or None for a delete). Entries set aside at their current
-        generation are left out unless ``retry_rejected``."""
-        skip = "" if retry_rejected else _NOT_REJECTED
+        (key, generation, value or None for a delete, whether it was set aside before).
+        Entries set aside at their current generation are left out unless
+        ``retry_rejected``. The rows come as SQLite gives them: no Python work per row on
+        the store's thread, which shares the interpreter with the event loop."""
+        sql = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
 
         def read(db: sqlite3.Connection) -> list[Dirty]:
             fold(db, self.bridged)
-            now = time.time()
-            rows = db.execute(
-                "SELECT d.key, d.gen, g.value, g.expires FROM grid_dirty d LEFT JOIN grid g "
-                "ON g.part = d.part AND g.map = d.map AND g.key = d.key "
-                f"WHERE d.map = ? AND d.key > ? {skip} ORDER BY d.key LIMIT ?",
-                (map_name, after if after is not None else b"", limit),
-            ).fetchall()
-            # An entry past its expiry that the sweeper has not removed yet is gone.
-            return [
-                (key, gen, value if value is not None and not 0 < expires <= now else None)
-                for key, gen, value, expires in rows
-            ]
+            start = after if after is not None else b""
+            rows: list[Dirty] = db.execute(sql, (time.time(), map_name, start, limit)).fetchall()
+            return rows
 
         return await self.store.read(read)
 
@@ -379,14 +379,15 @@ class Journal:
 
         return await self.store.read(read)
 
-    async def cleaned(self, map_name: str, written: list[tuple[bytes, int]]) -> None:
-        """These (key, generation) reached the bridge: clean each still at that generation."""
-        await self.commit(
-            [
-                (_CLEAN, [(map_name, key, gen) for key, gen in written]),
-                (_UNREJECT, [(map_name, key) for key, _ in written]),
-            ]
-        )
+    async def cleaned(
+        self, map_name: str, written: list[tuple[bytes, int]], unreject: list[bytes]
+    ) -> None:
+        """These (key, generation) reached the bridge: clean each still at that generation,
+        and forget the earlier refusals of the ``unreject`` keys among them."""
+        statements: list[Statement] = [(_CLEAN, [(map_name, key, gen) for key, gen in written])]
+        if unreject:
+            statements.append((_UNREJECT, [(map_name, key) for key in unreject]))
+        await self.commit(statements)
 
     async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None:
         await self.commit([(_REJECT, (map_name, key, gen, error, time.time()))])

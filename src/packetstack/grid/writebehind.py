@@ -199,8 +199,8 @@ class WriteBehind:
         result: MapFlush,
         cleaning: list[Awaitable[None]],
     ) -> None:
-        upserts: list[Entry] = [(key, value) for key, _, value in batch if value is not None]
-        deletes = [key for key, _, value in batch if value is None]
+        upserts: list[Entry] = [(key, value) for key, _, value, _ in batch if value is not None]
+        deletes = [key for key, _, value, _ in batch if value is None]
         name = bridged.spec.name
         try:
             await self.retrying(
@@ -208,7 +208,7 @@ class WriteBehind:
             )
         except BridgeRejected as exc:
             if len(batch) == 1:
-                key, gen, _ = batch[0]
+                key, gen, _, _ = batch[0]
                 result.set_aside += 1
                 log.warning("flush of map %s: entry set aside: %s", name, exc)
                 await self.journal.set_aside(name, key, gen, str(exc))
@@ -221,7 +221,11 @@ class WriteBehind:
         result.deleted += len(deletes)
         # Cleaning commits in the store's next group commit; the flush goes on meanwhile.
         cleaning.append(
-            asyncio.ensure_future(self.journal.cleaned(name, [(k, g) for k, g, _ in batch]))
+            asyncio.ensure_future(
+                self.journal.cleaned(
+                    name, [(k, g) for k, g, _, _ in batch], [k for k, _, _, aside in batch if aside]
+                )
+            )
         )
 
     async def retrying(

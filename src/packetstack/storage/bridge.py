@@ -111,12 +111,18 @@ _encode = msgspec.msgpack.Encoder(enc_hook=_hooks.enc_hook).encode
 _decode_any = msgspec.msgpack.Decoder().decode
 _json_encode = msgspec.json.Encoder(enc_hook=_hooks.enc_hook).encode
 _json_decode = msgspec.json.Decoder().decode
-_KEY_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,),
-    "int": (int,),
-    "bytes": (bytes,),
-    "tuple": (list,),
+# Strict: an int key is not taken for a str map, nor a bool for an int one.
+_KEY_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "str": msgspec.msgpack.Decoder(str).decode,
+    "int": msgspec.msgpack.Decoder(int).decode,
+    "bytes": msgspec.msgpack.Decoder(bytes).decode,
+    "tuple": msgspec.msgpack.Decoder(list).decode,
 }
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text, as drivers take it for a JSON column."""
+    return _json_encode(value).decode()
 
 
 class EntryCodec:
@@ -130,19 +136,20 @@ class EntryCodec:
             if value_type is not None
             else None
         )
-        self._key_types = _KEY_TYPES[spec.key]
+        self._decode_key = _KEY_DECODERS[spec.key]
 
     def key(self, encoded: bytes) -> Any:
         """The database key of an encoded grid key. BridgeRejected when it is not of the
         map's key kind (that entry cannot be written; the others can)."""
-        key = _decode_any(encoded)
-        if type(key) not in self._key_types or (self.spec.key == "int" and type(key) is bool):
+        try:
+            key = self._decode_key(encoded)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise BridgeRejected(
-                f"key {key!r} of map {self.spec.name!r} is not of the map's key kind "
-                f"(maps.{self.spec.name}.key = {self.spec.key!r})"
-            )
+                f"key {_decode_any(encoded)!r} of map {self.spec.name!r} is not of the map's "
+                f"key kind (maps.{self.spec.name}.key = {self.spec.key!r})"
+            ) from exc
         if self.spec.key == "tuple":
-            return _json_encode(key).decode()
+            return json_text(key)
         return key
 
     def delete_keys(self, encoded: Sequence[bytes]) -> list[Any]:
@@ -176,9 +183,9 @@ class EntryCodec:
                 f"{self.spec.value_type!r}: {exc}"
             ) from exc
 
-    def builtins(self, encoded: bytes) -> Any:
-        """The value as JSON-compatible data (document columns and documents)."""
-        return msgspec.to_builtins(self.value(encoded), enc_hook=_hooks.enc_hook)
+    def json(self, encoded: bytes) -> str:
+        """The value as JSON text (document columns)."""
+        return json_text(self.value(encoded))
 
     def encoded_value(self, value: Any) -> bytes:
         """The grid value of a value loaded from the database (converted to the map's type

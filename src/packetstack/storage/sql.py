@@ -10,10 +10,12 @@ whose columns do not fit is refused at open() with BridgeSchemaError naming the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import decimal
 import logging
 import types
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
@@ -21,13 +23,13 @@ from typing import Any, Union, get_args, get_origin
 import msgspec
 
 from ..errors import BridgeRejected, BridgeSchemaError, BridgeUnavailable, ConfigError
-from .bridge import BridgeSettings, Entry, EntryCodec, MapSpec
+from .bridge import BridgeSettings, Entry, EntryCodec, MapSpec, json_text
 
 try:
     import sqlalchemy as sa
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.dialects import mysql, postgresql, sqlite
-    from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 except ImportError as missing:  # pragma: no cover - depends on the installed extras
     raise ConfigError(
         f"the SQL bridge needs SQLAlchemy and a driver ({missing}): "
@@ -42,10 +44,6 @@ Convert = Callable[[Any], Any]
 
 def _same(value: Any) -> Any:
     return value
-
-
-def _json_dumps(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,8 @@ class SQLStore:
                 "(postgresql+asyncpg, mysql+asyncmy or mariadb+asyncmy, sqlite+aiosqlite)"
             )
         self._engine: AsyncEngine | None = self._create_engine()  # connects on first use
+        self._writer: AsyncConnection | None = None  # held between the batches of flushes
+        self._writing = asyncio.Lock()
         self._maps: dict[str, _Table] = {}
 
     def _create_engine(self) -> AsyncEngine:
@@ -94,7 +94,7 @@ class SQLStore:
             return create_async_engine(
                 self.url,
                 connect_args=connect_args,
-                json_serializer=_json_dumps,
+                json_serializer=json_text,
                 json_deserializer=msgspec.json.decode,
                 pool_pre_ping=True,
             )
@@ -116,7 +116,7 @@ class SQLStore:
             async with asyncio.timeout(limit), self._engine.begin() as conn:
                 # Known once connected: a mysql:// URL may lead to MariaDB.
                 mariadb = bool(getattr(conn.dialect, "is_mariadb", False))
-                tables = [_Table(spec, metadata, self.dialect, mariadb) for spec in maps]
+                tables = [_Table(spec, metadata, conn.dialect, mariadb) for spec in maps]
                 for table in tables:
                     await conn.run_sync(table.create_or_check, self.name)
             self._maps.update((table.spec.name, table) for table in tables)
@@ -126,6 +126,10 @@ class SQLStore:
             raise _classified(exc, f"bridge {self.name!r} ({self.shown_url})", limit) from exc
 
     async def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):  # a database gone by now cannot say goodbye
+                await writer.close()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -147,15 +151,34 @@ class SQLStore:
         keys = table.codec.delete_keys(deletes)
         assert self._engine is not None, "open() the bridge first"
         limit = self.settings.timeout
-        try:
-            async with asyncio.timeout(limit), self._engine.begin() as conn:
-                if rows:
-                    await conn.execute(table.upsert, rows)
-                if keys:
-                    await conn.execute(table.delete_where(keys))
-        except Exception as exc:
-            doing = f"writing map {map_name!r} to bridge {self.name!r}"
-            raise _classified(exc, doing, limit) from exc
+        async with self._writing:
+            try:
+                async with asyncio.timeout(limit):
+                    # One connection for the flush's batches: a checkout from the pool would
+                    # cost a ping, a round trip per batch.
+                    if self._writer is None:
+                        self._writer = await self._engine.connect()
+                    async with self._writer.begin():
+                        if rows:
+                            # Straight to the driver's executemany: the rows are already what
+                            # the driver takes (see Column.to_db); SQLAlchemy's per-row
+                            # processing would cost more than the rest of a flush together.
+                            await self._writer.exec_driver_sql(table.upsert_sql, rows)
+                        if keys:
+                            await self._writer.execute(table.delete_where(keys))
+            except Exception as exc:
+                error = _classified(exc, f"writing map {map_name!r} to bridge {self.name!r}", limit)
+                if not isinstance(error, BridgeRejected):  # the connection's state is unknown
+                    await self._drop_writer()
+                raise error from exc
+
+    async def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer.invalidate()
+            with contextlib.suppress(Exception):
+                await writer.close()
 
     async def load(self, map_name: str, key: bytes) -> bytes | None:
         return (await self.load_many(map_name, [key])).get(key)
@@ -200,10 +223,12 @@ class SQLStore:
 class _Table:
     """One map's table, its statements and its row conversions."""
 
-    def __init__(self, spec: MapSpec, metadata: sa.MetaData, dialect: str, mariadb: bool) -> None:
+    def __init__(
+        self, spec: MapSpec, metadata: sa.MetaData, sql_dialect: sa.Dialect, mariadb: bool
+    ) -> None:
         self.spec = spec
         self.codec = EntryCodec(spec)
-        self.dialect = dialect
+        self.dialect = dialect = "mysql" if sql_dialect.name == "mariadb" else sql_dialect.name
         key = Column(spec.key_column, _key_type(spec, mariadb), False, category=_key_category(spec))
         if spec.mode == "typed":
             assert spec.value_type is not None
@@ -217,6 +242,8 @@ class _Table:
         else:
             fields = [Column(spec.value_column, _json_type(), False, category="json")]
         self.fields = fields
+        # (index in the row, conversion) of the fields the driver does not take as they are
+        self._conversions = [(i + 1, c.to_db) for i, c in enumerate(fields) if c.to_db is not _same]
         self.expected = [key, *fields]
         self.table = sa.Table(
             spec.table,
@@ -226,7 +253,10 @@ class _Table:
         )
         self.key_column = self.table.c[spec.key_column]
         self.columns = [self.table.c[c.name] for c in self.expected]
-        self.upsert = self._upsert_statement()
+        compiled = self._upsert_statement().compile(dialect=sql_dialect)
+        # Rows are tuples in the table's column order: the compiled statement's, checked.
+        assert list(compiled.positiontup or []) == [c.name for c in self.expected]
+        self.upsert_sql = str(compiled)
 
     def _upsert_statement(self) -> Any:
         names = [c.name for c in self.fields]
@@ -247,16 +277,16 @@ class _Table:
     def delete_where(self, keys: list[Any]) -> sa.Delete:
         return sa.delete(self.table).where(self.key_column.in_(keys))
 
-    def row(self, key: bytes, value: bytes) -> dict[str, Any]:
-        row: dict[str, Any] = {self.spec.key_column: self.codec.key(key)}
+    def row(self, key: bytes, value: bytes) -> tuple[Any, ...]:
+        """The driver's parameters for one upsert: the key, then each column's value."""
         if self.spec.mode == "document":
-            row[self.spec.value_column] = self.codec.builtins(value)
-            return row
-        decoded = self.codec.value(value)
-        for column in self.fields:
-            field = getattr(decoded, column.name)
-            row[column.name] = None if field is None else column.to_db(field)
-        return row
+            return (self.codec.key(key), self.codec.json(value))
+        row = [self.codec.key(key), *msgspec.structs.astuple(self.codec.value(value))]
+        for index, to_db in self._conversions:
+            field = row[index]
+            if field is not None:
+                row[index] = to_db(field)
+        return tuple(row)
 
     def entry(self, row: sa.Row[Any]) -> Entry:
         values: tuple[Any, ...] = tuple(row)
@@ -395,19 +425,36 @@ def _column(field: msgspec.structs.FieldInfo, dialect: str) -> Column:
         return Column(name, sql, nullable, from_db=bytes, category="bytes")
     if isinstance(info, msgspec.inspect.DateTimeType):
         return _datetime_column(name, nullable, info.tz is True, dialect)
+    # SQLite has no date types: SQLAlchemy keeps them as text, in its format.
+    text = _sqlite_text if dialect == "sqlite" else _same
     if isinstance(info, msgspec.inspect.DateType):
-        return Column(name, sa.Date(), nullable, category="date")
+        return Column(name, sa.Date(), nullable, text, category="date")
     if isinstance(info, msgspec.inspect.TimeType):
         sql = sa.Time().with_variant(mysql.TIME(fsp=6), "mysql", "mariadb")
-        return Column(name, sql, nullable, category="time")
+        return Column(name, sql, nullable, text, category="time")
     if isinstance(info, msgspec.inspect.DecimalType):
         if dialect == "postgresql":
             return Column(name, sa.Numeric(), nullable, category="numeric")
         # NUMERIC elsewhere has a fixed scale (MySQL) or is a float (SQLite): exact as text.
         return Column(name, sa.String(100), nullable, str, decimal.Decimal, category="str")
     if isinstance(info, msgspec.inspect.UUIDType):
-        return Column(name, sa.Uuid(), nullable, category="uuid")
-    return Column(name, _json_type(), nullable, msgspec.to_builtins, category="json")
+        # Native on PostgreSQL; elsewhere SQLAlchemy keeps 32 hex digits (CHAR(32)).
+        to_db = _same if dialect == "postgresql" else _uuid_hex
+        return Column(name, sa.Uuid(), nullable, to_db, category="uuid")
+    return Column(name, _json_type(), nullable, json_text, category="json")
+
+
+def _uuid_hex(value: uuid.UUID) -> str:
+    return value.hex
+
+
+def _sqlite_text(value: datetime.date | datetime.time) -> str:
+    """A date, time or (naive) datetime as SQLAlchemy's SQLite types store them."""
+    if isinstance(value, datetime.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, datetime.date):
+        return value.strftime("%Y-%m-%d")
+    return value.strftime("%H:%M:%S.%f")
 
 
 def _datetime_column(name: str, nullable: bool, aware: bool, dialect: str) -> Column:
@@ -416,10 +463,10 @@ def _datetime_column(name: str, nullable: bool, aware: bool, dialect: str) -> Co
     # Elsewhere the column keeps no zone: aware values go in as UTC and come back as UTC.
     sql = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
-    def to_db(value: datetime.datetime) -> datetime.datetime:
-        if value.tzinfo is None:
-            return value
-        return value.astimezone(_UTC).replace(tzinfo=None)
+    def to_db(value: datetime.datetime) -> datetime.datetime | str:
+        if value.tzinfo is not None:
+            value = value.astimezone(_UTC).replace(tzinfo=None)
+        return _sqlite_text(value) if dialect == "sqlite" else value
 
     def from_db(value: datetime.datetime) -> datetime.datetime:
         return value.replace(tzinfo=_UTC) if aware and value.tzinfo is None else value
