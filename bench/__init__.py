@@ -1,6 +1,7 @@
 """PacketStack's benchmark suite: PacketStack against a raw asyncio relay and nats-py
 (messaging), against mosquitto and NATS JetStream (a durable backlog), and against redis-py
-and Redis (the data grid's maps: ``--only grid``), side by side.
+and Redis (the data grid's maps: ``--only grid``), side by side; ``--only flush`` measures the
+grid's write-behind flush to PostgreSQL and MariaDB against their raw drivers (bench/flush.py).
 
 Run ``python3 -m bench --help``; bench/RESULTS.md has the latest figures. ``main(argv)``
 runs it in-process like the command line; ``run(Options(...))`` returns the report.

@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Any
 
-from .suite import format_report, has_holder, table_kind
+from . import flush
+from .suite import flush_machine_line, format_report, has_holder, table_kind
 
 
 def _cell(value: float | None, spec: str, suffix: str = "") -> str:
@@ -83,38 +84,13 @@ def _data_grid(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    lines = [
-        f"- command: `{report['command']}`",
-        f"- machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}",
-        f"- Python {m['python']} ({m['python_implementation']}), uvloop {m['uvloop']}, "
-        f"msgspec {m['msgspec']}, nats-py {m['nats_py']}, {m.get('nats_server') or '?'}",
-        *(
-            [f"- mosquitto: {m['mosquitto']}; aiomqtt {m.get('aiomqtt')}"]
-            if m.get("mosquitto")
-            else []
-        ),
-        *(
-            [
-                f"- redis: {m['redis_server']} (not started by the suite); redis-py "
-                f"{m.get('redis_py')}, hiredis {m.get('hiredis') or 'not installed'}"
-            ]
-            if m.get("redis_server")
-            else []
-        ),
-        f"- packetstack {m['packetstack']} from `{m.get('packetstack_source')}`, commit "
-        f"`{m.get('git_commit')}`"
-        + (" (with uncommitted changes in src/)" if m.get("git_src_dirty") else ""),
-        f"- date {m['date']}, load average {_load(m.get('loadavg_start'))} at the start, "
-        f"{_load(m.get('loadavg_end'))} at the end; the suite took {report.get('duration_s')} s",
-    ]
-    lines += _messaging(report)
-    lines += _backlog(report)
-    lines += _data_grid(report)
+def _cpu(report: dict[str, Any]) -> list[str]:
+    """The CPU table of the suite's scenarios, or nothing when none was run."""
+    if not report["scenarios"]:
+        return []
     holders = has_holder(report)
     grid = any(table_kind(scenario) == "grid" for scenario in report["scenarios"])
-    lines += [
+    lines = [
         "",
         "| scenario | system | client CPU µs/msg | hub CPU µs/msg | client CPU | hub CPU |"
         + (" holder CPU µs/msg | holder CPU |" if holders else "")
@@ -139,6 +115,42 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_cell(med.get('client_cpu_pct'), '.0f', '%')} | "
                 f"{_cell(med.get('hub_cpu_pct'), '.0f', '%')} | {holder}{rates} |"
             )
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"- command: `{report['command']}`",
+        f"- machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}",
+        f"- Python {m['python']} ({m['python_implementation']}), uvloop {m['uvloop']}, "
+        f"msgspec {m['msgspec']}, nats-py {m['nats_py']}, {m.get('nats_server') or '?'}",
+        *(
+            [f"- mosquitto: {m['mosquitto']}; aiomqtt {m.get('aiomqtt')}"]
+            if m.get("mosquitto")
+            else []
+        ),
+        *(
+            [
+                f"- redis: {m['redis_server']} (not started by the suite); redis-py "
+                f"{m.get('redis_py')}, hiredis {m.get('hiredis') or 'not installed'}"
+            ]
+            if m.get("redis_server")
+            else []
+        ),
+        *([f"- {flush_machine_line(m)}"] if report.get("flush") else []),
+        f"- packetstack {m['packetstack']} from `{m.get('packetstack_source')}`, commit "
+        f"`{m.get('git_commit')}`"
+        + (" (with uncommitted changes in src/)" if m.get("git_src_dirty") else ""),
+        f"- date {m['date']}, load average {_load(m.get('loadavg_start'))} at the start, "
+        f"{_load(m.get('loadavg_end'))} at the end; the suite took {report.get('duration_s')} s",
+    ]
+    lines += _messaging(report)
+    lines += _backlog(report)
+    lines += _data_grid(report)
+    if report.get("flush"):
+        lines += ["", flush.markdown(report["flush"])]
+    lines += _cpu(report)
     lines += ["", "| target | value | needs | met |", "| --- | ---: | ---: | --- |"]
     for t in report["targets"]:
         value = _cell(t["value"], ".2f", "x")

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import common, sys_jetstream, sys_mosquitto, sys_nats, sys_packetstack, sys_raw, sys_redis
+from . import (
+    common,
+    flush,
+    sys_jetstream,
+    sys_mosquitto,
+    sys_nats,
+    sys_packetstack,
+    sys_raw,
+    sys_redis,
+)
 from .common import (
     BODY_SIZE,
     PIN_MODES,
@@ -78,6 +87,9 @@ GRID_SCENARIOS = (
     "grid-local-get",
     "grid-put-all",
 )
+# Scenarios with a runner and a report section of their own (bench/flush.py), run only when
+# --only names them: they need servers of their own (PostgreSQL, MariaDB) and minutes.
+OWN_SCENARIOS: dict[str, str] = {"flush": flush.DESCRIPTION}
 # Names for several scenarios at once in --only.
 SCENARIO_GROUPS: dict[str, tuple[str, ...]] = {"grid": GRID_SCENARIOS}
 # PacketStack's side of these runs against a service with a holder process (GridHub):
@@ -196,6 +208,10 @@ class Options:
     nats_url: str = sys_nats.NATS_URL
     mqtt_url: str | None = None  # None: the suite starts its own mosquitto
     redis_url: str = sys_redis.REDIS_URL
+    pg_url: str = flush.PG_URL
+    mariadb_url: str = flush.MARIADB_URL
+    flush_rows: int | None = None  # None: 1,000,000 (--quick: 2,000)
+    flush_databases: list[str] = field(default_factory=lambda: list(flush.DATABASES))
     check: bool = False
     quiet: bool = False
     pin: str = "auto"
@@ -206,6 +222,19 @@ class Options:
         if self.timebox is not None:
             plan = replace(plan, timebox=self.timebox)
         return plan
+
+    @property
+    def flush_plan(self) -> flush.FlushPlan:
+        if self.quick:
+            return flush.FlushPlan.quick(self.flush_rows)
+        if self.flush_rows is None:
+            return flush.FlushPlan()
+        return flush.FlushPlan(rows=self.flush_rows)
+
+    @property
+    def flush_urls(self) -> dict[str, str]:
+        urls = {"postgresql": self.pg_url, "mariadb": self.mariadb_url}
+        return {db: urls[db] for db in flush.DATABASES if db in self.flush_databases}
 
 
 # ------------------------------------------------------------------------ measuring
@@ -412,12 +441,18 @@ def run(options: Options) -> dict[str, Any]:
     """Measure every selected scenario for every selected system ``options.runs`` times
     (each scenario only for the systems it compares: SCENARIO_SYSTEMS)."""
     options = replace(options, only=expand_scenarios(options.only))
-    unknown = [s for s in options.only if s not in SCENARIOS]
+    unknown = [s for s in options.only if s not in SCENARIOS and s not in OWN_SCENARIOS]
     unknown += [s for s in options.systems if s not in SYSTEMS]
+    unknown += [d for d in options.flush_databases if d not in flush.DATABASES]
     if unknown:
-        raise ValueError(f"unknown scenario or system {unknown}; scenarios: {list(SCENARIOS)}")
+        raise ValueError(
+            f"unknown scenario, system or database {unknown}; scenarios: "
+            f"{[*SCENARIOS, *OWN_SCENARIOS]}, databases: {list(flush.DATABASES)}"
+        )
     if options.runs < 1:
         raise ValueError("--runs must be at least 1")
+    if options.flush_rows is not None and options.flush_rows < 1:
+        raise ValueError("--flush-rows must be at least 1")
     if options.pin not in PIN_MODES:
         raise ValueError(f"--pin must be one of {', '.join(PIN_MODES)}")
     plan = options.plan
@@ -435,11 +470,20 @@ def run(options: Options) -> dict[str, Any]:
     servers = _Servers()
     placement = Placement()
     placed: dict[str, dict[str, dict[str, Any]]] = {sc: {} for sc in pairs}
+    flushing = "flush" in options.only
+    flush_runs: flush.Runs = {}
+    flush_down: dict[str, str] = {}  # databases that cannot be measured: why
     with hub_dir() as workdir:
         try:
             _own_hubs(options, needed, workdir, servers)
             _start_hubs(options, machine, servers)
             _other_servers(options, needed, machine, servers)
+            if flushing:
+                machine.update(flush.machine(options.flush_urls))
+                for database in options.flush_urls:
+                    why = machine.get(f"{database}_unavailable")
+                    if why:
+                        flush_down[database] = f"{database} is not usable: {why}"
             for index in range(options.runs):
                 for scenario, systems in pairs.items():
                     # Rotate the order each run so slow drift on a shared machine spreads evenly.
@@ -451,6 +495,16 @@ def run(options: Options) -> dict[str, Any]:
                         result["run"] = index + 1
                         raw_runs[scenario][system].append(result)
                         _log(options, _progress(index + 1, options.runs, scenario, system, result))
+                if flushing:
+                    flush.run_once(
+                        index,
+                        options.flush_urls,
+                        options.flush_plan,
+                        workdir,
+                        flush_runs,
+                        flush_down,
+                        lambda text: _log(options, text),
+                    )
         finally:
             placement.restore()
             for hub in servers.hubs.values():
@@ -460,6 +514,9 @@ def run(options: Options) -> dict[str, Any]:
     except OSError:
         machine["loadavg_end"] = None
     report = _report(options, plan, machine, raw_runs)
+    if flushing:
+        report["flush"] = flush.section(options.flush_plan, options.flush_urls, flush_runs)
+        report["targets"] += flush.targets(report["flush"])
     for scenario, by_system in placed.items():
         report["scenarios"][scenario]["placement"] = by_system
     report["duration_s"] = round(time.perf_counter() - began, 1)
@@ -577,11 +634,20 @@ def _report(
         "options": {
             "runs": options.runs,
             "quick": options.quick,
-            "only": [s for s in SCENARIOS if s in options.only],
+            "only": [s for s in [*SCENARIOS, *OWN_SCENARIOS] if s in options.only],
             "systems": [s for s in SYSTEMS if s in options.systems],
             "nats_url": options.nats_url,
             "mqtt_url": options.mqtt_url,
             "redis_url": options.redis_url,
+            **(
+                {
+                    "pg_url": flush.shown_url(options.pg_url),
+                    "mariadb_url": flush.shown_url(options.mariadb_url),
+                    "flush_databases": list(options.flush_urls),
+                }
+                if "flush" in options.only
+                else {}
+            ),
             "pin": options.pin,
             "plan": plan.as_dict(),
             "body_bytes": BODY_SIZE,
@@ -611,6 +677,15 @@ def _argv_of(options: Options) -> list[str]:
         argv += ["--mqtt-url", options.mqtt_url]
     if options.redis_url != sys_redis.REDIS_URL:
         argv += ["--redis-url", options.redis_url]
+    if "flush" in options.only:
+        if options.flush_rows is not None:
+            argv += ["--flush-rows", str(options.flush_rows)]
+        if list(options.flush_urls) != list(flush.DATABASES):
+            argv += ["--flush-db", ",".join(options.flush_urls)]
+        if options.pg_url != flush.PG_URL:
+            argv += ["--pg-url", flush.shown_url(options.pg_url)]
+        if options.mariadb_url != flush.MARIADB_URL:
+            argv += ["--mariadb-url", flush.shown_url(options.mariadb_url)]
     if options.json_path:
         argv += ["--json", options.json_path]
     return argv
@@ -634,7 +709,7 @@ def _grouped(names: Sequence[str]) -> list[str]:
             first = out.index(members[0])
             out = [s for s in out if s not in members]
             out.insert(min(first, len(out)), group)
-    return out
+    return out + [s for s in OWN_SCENARIOS if s in names]
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -833,7 +908,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"redis: {m['redis_server']} (not started by the suite); redis-py "
             f"{m.get('redis_py') or '?'}, hiredis {m.get('hiredis') or 'not installed'}"
         )
-    lines.append(_placement_line(report))
+    if report.get("flush"):
+        lines.append(flush_machine_line(m))
+    if report["scenarios"]:
+        lines.append(_placement_line(report))
     for kind, table in (
         ("messaging", format_table),
         ("durable", format_backlog),
@@ -841,7 +919,11 @@ def format_report(report: dict[str, Any]) -> str:
     ):
         if _rows(report, kind):
             lines += ["", table(report)]
-    lines += ["", format_cpu(report), "", format_targets(report)]
+    if report.get("flush"):
+        lines += ["", flush.format_table(report["flush"])]
+    if report["scenarios"]:
+        lines += ["", format_cpu(report)]
+    lines += ["", format_targets(report)]
     errors = [
         f"  {sc} / {sy}: {r['error']}"
         for sc, entry in report["scenarios"].items()
@@ -849,9 +931,21 @@ def format_report(report: dict[str, Any]) -> str:
         for r in data["runs"]
         if r.get("error")
     ]
+    if report.get("flush"):
+        errors += ["  " + line for line in flush.errors(report["flush"])]
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines)
+
+
+def flush_machine_line(m: dict[str, Any]) -> str:
+    """The flush scenario's databases and drivers (not started by the suite)."""
+    servers = ", ".join(f"{m.get(db + '_server') or db + ' unavailable'}" for db in flush.DATABASES)
+    return (
+        f"flush: {servers} (not started by the suite, never pinned); asyncpg "
+        f"{m.get('asyncpg') or '?'}, asyncmy {m.get('asyncmy') or '?'}, SQLAlchemy "
+        f"{m.get('sqlalchemy') or '?'}"
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -878,7 +972,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         action="append",
         metavar="NAMES",
         help=f"comma-separated scenarios to run: {', '.join(SCENARIOS)}; "
-        f"'grid' for every data grid scenario",
+        f"'grid' for every data grid scenario; 'flush' (never run unless named: needs "
+        f"PostgreSQL and MariaDB) for the write-behind flush to databases",
     )
     parser.add_argument(
         "--systems",
@@ -909,6 +1004,30 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="the Redis server the data grid scenarios compare with [%(default)s]",
     )
     parser.add_argument(
+        "--pg-url",
+        default=flush.PG_URL,
+        metavar="URL",
+        help="the PostgreSQL database of the flush scenario [%(default)s]",
+    )
+    parser.add_argument(
+        "--mariadb-url",
+        default=flush.MARIADB_URL,
+        metavar="URL",
+        help="the MariaDB database of the flush scenario [%(default)s]",
+    )
+    parser.add_argument(
+        "--flush-rows",
+        type=int,
+        metavar="N",
+        help="entries flushed (rows written) per measurement [1,000,000; --quick: 2,000]",
+    )
+    parser.add_argument(
+        "--flush-db",
+        action="append",
+        metavar="NAMES",
+        help="comma-separated databases of the flush scenario: postgresql, mariadb [both]",
+    )
+    parser.add_argument(
         "--pin",
         choices=PIN_MODES,
         default="auto",
@@ -929,6 +1048,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         nats_url=args.nats_url,
         mqtt_url=args.mqtt_url,
         redis_url=args.redis_url,
+        pg_url=args.pg_url,
+        mariadb_url=args.mariadb_url,
+        flush_rows=args.flush_rows,
+        flush_databases=_names(args.flush_db, list(flush.DATABASES)),
         check=args.check,
         quiet=args.quiet,
         pin=args.pin,
@@ -957,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         data["errors"]
         for entry in report["scenarios"].values()
         for data in entry["systems"].values()
-    )
+    ) + len(flush.errors(report.get("flush") or {"databases": {}}))
     if failed_runs:
         return 1
     if options.check and any(t["met"] is False for t in report["targets"]):

@@ -259,3 +259,74 @@ def test_quick_grid_against_redis(tmp_path: Path) -> None:
     ]
     assert all(p.startswith("bench:grid:") for p in prefixes) and len(set(prefixes)) == 6
     assert asyncio.run(_redis_keys(prefixes)) == []  # each run deleted what it wrote
+
+
+QUICK_FLUSH_ROWS = 2_000  # FlushPlan.quick().rows
+FLUSH_TARGETS = {
+    "flush_pg_vs_asyncpg",
+    "flush_mariadb_vs_asyncmy",
+    "flush_pg_p50",
+    "flush_mariadb_p50",
+}
+
+
+def require_sql_drivers() -> None:
+    """Skip (locally) or fail (under CI=true) when asyncpg, asyncmy or SQLAlchemy is missing."""
+    try:
+        import asyncmy  # noqa: F401
+        import asyncpg  # noqa: F401
+        import sqlalchemy  # noqa: F401
+    except ImportError as exc:
+        message = f"{exc.name} is not installed; pip install -e '.[test]' brings it"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+async def _flush_tables_left(bench: ModuleType) -> dict[str, bool]:
+    flush = bench.flush
+    urls = {"postgresql": flush.PG_URL, "mariadb": flush.MARIADB_URL}
+    return {db: await flush.table_exists(db, url) for db, url in urls.items()}
+
+
+def test_quick_flush_to_postgresql_and_mariadb(tmp_path: Path) -> None:
+    """The write-behind flush scenario with tiny counts: PacketStack's flush and the raw
+    drivers' writes of the same 2,000 rows to PostgreSQL and MariaDB, each counted in the
+    table afterwards; the probe's round trips idle and during the flush; the ratios and the
+    targets computed; the table dropped after every measurement."""
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    require_server("MariaDB", "127.0.0.1", 3306)
+    require_sql_drivers()
+    bench = _bench()
+    started = time.monotonic()
+    report = run_quick(bench, tmp_path, "--only", "flush")
+    assert time.monotonic() - started < 20
+
+    assert report["scenarios"] == {} and report["options"]["only"] == ["flush"]
+    assert "--only flush" in report["command"]
+    assert "flush" not in bench.SCENARIOS  # run only when --only names it
+    flush = report["flush"]
+    assert flush["plan"]["rows"] == QUICK_FLUSH_ROWS
+    assert report["machine"]["postgresql_server"].startswith("PostgreSQL")
+    assert report["machine"]["mariadb_server"].startswith("MariaDB")
+    for database, systems in bench.flush.SYSTEMS.items():
+        entry = flush["databases"][database]
+        assert set(entry["systems"]) == set(systems), database
+        for system, data in entry["systems"].items():
+            assert data["errors"] == 0, data["runs"]
+            (run,) = data["runs"]
+            assert run["count"] == QUICK_FLUSH_ROWS and run["rate"] > 0, (database, system, run)
+            assert run["cpu_s"] > 0, run
+        assert entry["systems"][entry["baseline"]]["ratio_vs_baseline"] == 1.0
+        (ours,) = entry["systems"]["packetstack"]["runs"]
+        assert ours["idle_samples"] > 0 and ours["flush_samples"] > 0, ours
+        assert ours["probe_failures"] == 0, ours
+        assert ours["flush_p50_us"] > 0 and ours["p50_ratio"] > 0, ours
+        assert entry["systems"]["packetstack"]["ratio_vs_baseline"] > 0
+    assert flush["databases"]["postgresql"]["systems"]["asyncpg-copy"]["ratio_vs_copy"] == 1.0
+    assert len(flush["table"]) == sum(len(s) for s in bench.flush.SYSTEMS.values())
+    targets = {t["name"]: t for t in report["targets"] if t["scenario"] == "flush"}
+    assert set(targets) == FLUSH_TARGETS
+    for target in targets.values():
+        assert isinstance(target["met"], bool) and target["value"] > 0, target
+    assert asyncio.run(_flush_tables_left(bench)) == {"postgresql": False, "mariadb": False}
