@@ -1,6 +1,7 @@
 """Shared fixtures: a running service on a free port, clients that close themselves,
-child processes that are cleaned up, a test CA with a server certificate, and a guard for
-tests that need one of the machine's real servers. Plain helpers are in support.py."""
+child processes that are cleaned up, a test CA with a server certificate, a guard for
+tests that need one of the machine's real servers, and the SQL databases and bridged
+services of the bridge tests. Plain helpers are in support.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import trustme
+from support import BridgedServices, ServiceProcess, SqlDatabase, sql_database
 
 from packetstack import Client, Service
 
@@ -127,3 +129,46 @@ def server_context(server_cert: trustme.LeafCert) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_cert.configure_cert(context)
     return context
+
+
+@pytest.fixture
+def services() -> Iterator[list[ServiceProcess]]:
+    """``packetstack serve`` children (support.serve_config adds them), stopped after the
+    test."""
+    started: list[ServiceProcess] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    """Clients the test makes itself, closed after it."""
+    made: list[Client] = []
+    yield made
+    for client in made:
+        await client.close()
+
+
+# ------------------------------------------------------------ database bridges
+
+
+@pytest.fixture(params=["postgresql", "mariadb", "sqlite"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlDatabase]:
+    """The SQL database of a bridge test, each in turn (parametrize ``db`` indirectly for
+    fewer); the tables it named are dropped at the end. Storage tests have their own."""
+    database = sql_database(request.param, tmp_path)
+    try:
+        yield database
+    finally:
+        await database.drop()
+
+
+@pytest.fixture
+async def bridged(db: SqlDatabase, tmp_path: Path) -> AsyncIterator[BridgedServices]:
+    """In-process services bridged to ``db``; those still running are closed after the
+    test, before its tables are dropped."""
+    started = BridgedServices(db, tmp_path)
+    yield started
+    for service in list(started.running):
+        await started.close(service)

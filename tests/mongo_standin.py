@@ -164,7 +164,8 @@ class RealMongo:
 @contextlib.contextmanager
 def mongo_server() -> Iterator[MongoServer]:
     """A MongoDB server for one test: the real mongod named by PACKETSTACK_MONGO_URL when it
-    is set, otherwise a started ``MongoStandin`` (stopped on exit)."""
+    is set, otherwise a started ``MongoStandin`` (stopped on exit, after checking, unless
+    the block raised, that it met no internal error)."""
     url = os.environ.get(MONGO_URL_ENV)
     if url:
         real = RealMongo(url)
@@ -175,6 +176,7 @@ def mongo_server() -> Iterator[MongoServer]:
     else:
         with MongoStandin() as standin:
             yield standin
+            assert standin.internal_errors == []
 
 
 def require_faults(server: MongoServer) -> MongoStandin:
@@ -572,60 +574,48 @@ class MongoStandin:
 
     def _cmd_insert(self, db: str, doc: Document, _conn: int) -> dict[str, Any]:
         coll = self._collection(db, doc["insert"])
-        ordered = doc.get("ordered", True)
         n = 0
-        errors: list[dict[str, Any]] = []
-        for index, document in enumerate(doc.get("documents", [])):
+
+        def insert(_index: int, document: Document) -> None:
+            nonlocal n
+            document = dict(document)
+            if "_id" not in document:
+                document["_id"] = ObjectId()
+            self._check_document(document)
             try:
-                document = dict(document)
-                if "_id" not in document:
-                    document["_id"] = ObjectId()
-                self._check_document(document)
-                try:
-                    coll.insert_one(document)
-                except mongomock.DuplicateKeyError as exc:
-                    if coll.find_one({"_id": document["_id"]}, {"_id": 1}) is not None:
-                        raise CommandError(
-                            DUPLICATE_KEY,
-                            f"E11000 duplicate key error collection: {db}.{coll.name} "
-                            f"index: _id_ dup key: {{ _id: {document['_id']!r} }}",
-                        ) from exc
-                    raise
-                n += 1
-            except Exception as exc:
-                errors.append(_as_command_error(exc).write_error(index))
-                if ordered:
-                    break
-        reply: dict[str, Any] = {"n": n}
-        if errors:
-            reply["writeErrors"] = errors
-        return reply
+                coll.insert_one(document)
+            except mongomock.DuplicateKeyError as exc:
+                if coll.find_one({"_id": document["_id"]}, {"_id": 1}) is not None:
+                    raise CommandError(
+                        DUPLICATE_KEY,
+                        f"E11000 duplicate key error collection: {db}.{coll.name} "
+                        f"index: _id_ dup key: {{ _id: {document['_id']!r} }}",
+                    ) from exc
+                raise
+            n += 1
+
+        errors = _each_statement(doc, "documents", insert)
+        return _write_reply({"n": n}, errors)
 
     def _cmd_update(self, db: str, doc: Document, _conn: int) -> dict[str, Any]:
         coll = self._collection(db, doc["update"])
-        ordered = doc.get("ordered", True)
         n = modified = 0
         upserted: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
-        for index, statement in enumerate(doc.get("updates", [])):
-            try:
-                outcome = self._update_statement(coll, statement)
-            except Exception as exc:
-                outcome = _Outcome(error=_as_command_error(exc))
+
+        def update(index: int, statement: Document) -> CommandError | None:
+            nonlocal n, modified
+            outcome = self._update_statement(coll, statement)
             n += outcome.n
             modified += outcome.modified
             if outcome.upserted:
                 upserted.append({"index": index, "_id": outcome.upserted_id})
-            if outcome.error is not None:
-                errors.append(outcome.error.write_error(index))
-                if ordered:
-                    break
+            return outcome.error
+
+        errors = _each_statement(doc, "updates", update)
         reply: dict[str, Any] = {"n": n, "nModified": modified}
         if upserted:
             reply["upserted"] = upserted
-        if errors:
-            reply["writeErrors"] = errors
-        return reply
+        return _write_reply(reply, errors)
 
     def _update_statement(self, coll: Collection[dict[str, Any]], statement: Document) -> _Outcome:
         for option in ("arrayFilters", "collation", "sort"):
@@ -688,26 +678,20 @@ class MongoStandin:
 
     def _cmd_delete(self, db: str, doc: Document, _conn: int) -> dict[str, Any]:
         coll = self._collection(db, doc["delete"])
-        ordered = doc.get("ordered", True)
         n = 0
-        errors: list[dict[str, Any]] = []
-        for index, statement in enumerate(doc.get("deletes", [])):
-            try:
-                if statement.get("collation"):
-                    raise CommandError(COMMAND_NOT_SUPPORTED, "delete collation is not supported")
-                q = statement.get("q", {})
-                if statement.get("limit", 0) == 1:
-                    n += coll.delete_one(q).deleted_count
-                else:
-                    n += coll.delete_many(q).deleted_count
-            except Exception as exc:
-                errors.append(_as_command_error(exc).write_error(index))
-                if ordered:
-                    break
-        reply: dict[str, Any] = {"n": n}
-        if errors:
-            reply["writeErrors"] = errors
-        return reply
+
+        def delete(_index: int, statement: Document) -> None:
+            nonlocal n
+            if statement.get("collation"):
+                raise CommandError(COMMAND_NOT_SUPPORTED, "delete collation is not supported")
+            q = statement.get("q", {})
+            if statement.get("limit", 0) == 1:
+                n += coll.delete_one(q).deleted_count
+            else:
+                n += coll.delete_many(q).deleted_count
+
+        errors = _each_statement(doc, "deletes", delete)
+        return _write_reply({"n": n}, errors)
 
     def _cmd_find_and_modify(self, db: str, doc: Document, _conn: int) -> dict[str, Any]:
         name = doc.get("findAndModify", doc.get("findandmodify"))
@@ -965,6 +949,33 @@ def _take_batch(pending: deque[RawBSONDocument], limit: int | None) -> list[RawB
         batch.append(pending.popleft())
         size += length
     return batch
+
+
+def _each_statement(
+    doc: Document, key: str, apply: Callable[[int, Document], CommandError | None]
+) -> list[dict[str, Any]]:
+    """``apply(index, statement)`` to each statement of a write command's ``doc[key]`` in
+    turn; the writeErrors of those that failed (raised, or returned an error), stopping at
+    the first one when the write is ordered (the default)."""
+    ordered = doc.get("ordered", True)
+    errors: list[dict[str, Any]] = []
+    for index, statement in enumerate(doc.get(key, [])):
+        try:
+            error = apply(index, statement)
+        except Exception as exc:
+            error = _as_command_error(exc)
+        if error is not None:
+            errors.append(error.write_error(index))
+            if ordered:
+                break
+    return errors
+
+
+def _write_reply(reply: dict[str, Any], errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """A write command's ``reply``, with its writeErrors when there are any."""
+    if errors:
+        reply["writeErrors"] = errors
+    return reply
 
 
 def _as_command_error(exc: Exception) -> CommandError:

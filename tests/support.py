@@ -14,15 +14,17 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
 
+from packetstack import Map, Service
 from packetstack.codec import Packet
 from packetstack.errors import ProtocolError
+from packetstack.grid.writebehind import FlushReport
 from packetstack.peer import Peer
 from packetstack.protocol import (
     CloseReceived,
@@ -37,6 +39,7 @@ from packetstack.protocol import (
     Welcome,
     WelcomeReceived,
 )
+from packetstack.storage import BridgeSettings, MapBridge
 
 # ------------------------------------------------------------------- waiting
 
@@ -170,6 +173,68 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+async def serve_config(
+    tmp_path: Path,
+    services: list[ServiceProcess],
+    text: str,
+    env: dict[str, str] | None = None,
+    *,
+    args: tuple[str, ...] = (),
+) -> ServiceProcess:
+    """``packetstack ARGS serve --config FILE`` in a child (``FILE``: tmp_path/packetstack.toml,
+    holding ``text``), added to ``services`` (the fixture that stops them) and listening."""
+    config = tmp_path / "packetstack.toml"
+    config.write_text(text)
+    service = ServiceProcess(
+        free_port(), tmp_path, env, args=args, serve_args=("--config", str(config))
+    )
+    services.append(service)
+    service.start()
+    await service.wait_listening()
+    return service
+
+
+async def spawn_cli(*args: str) -> asyncio.subprocess.Process:
+    """``packetstack ARGS`` in a child with piped output, 200 columns wide."""
+    return await asyncio.create_subprocess_exec(
+        *cli_command(*args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(COLUMNS="200"),
+    )
+
+
+async def run_cli(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run ``packetstack ARGS`` without blocking the loop: (exit code, stdout, stderr)."""
+    proc = await spawn_cli(*args)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def table_rows(out: str, title: str) -> list[list[str]]:
+    """The cells of each row of the table titled ``title`` in ``packetstack status``'s output."""
+    return rows_after(out.splitlines(), lambda line: line.strip() == title)
+
+
+def rows_after(lines: list[str], is_title: Callable[[str], bool]) -> list[list[str]]:
+    """The cells of each row of the first (rich) table whose title line passes ``is_title``;
+    a cell folded over several lines (its row's first cell is blank there) is joined back
+    together."""
+    start = next(i for i, line in enumerate(lines) if is_title(line))
+    body = next(i for i in range(start, len(lines)) if lines[i].startswith("┡"))
+    rows: list[list[str]] = []
+    for line in lines[body + 1 :]:
+        if not line.startswith("│"):
+            break
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if rows and not cells[0]:
+            rows[-1] = [(a + " " + b).strip() for a, b in zip(rows[-1], cells, strict=True)]
+        else:
+            rows.append(cells)
+    return rows
 
 
 # ------------------------------------------------------ raw socket endings
@@ -632,7 +697,31 @@ def toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, str):
         return msgspec.json.encode(value).decode()  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"no TOML for {value!r}")
+
+
+def config_toml(
+    settings: dict[str, object],
+    tables: dict[str, dict[str, object]],
+    principals: Sequence[dict[str, object]] = (),
+    section: str = "service",
+) -> str:
+    """A service config file's text: ``[service]`` with ``settings``, a
+    ``[[service.principals]]`` table per principal, then a ``[service.NAME]`` table per
+    entry of ``tables`` (NAME as in "bridges.local", "maps.players"). With ``section=""``
+    the settings and tables stand at the top level (``[bridges.local]``)."""
+    prefix = f"{section}." if section else ""
+    lines = [f"[{section}]"] if section else []
+    blocks = [("", settings)]
+    blocks += [(f"[[{prefix}principals]]", principal) for principal in principals]
+    blocks += [(f"[{prefix}{name}]", table) for name, table in tables.items()]
+    for header, values in blocks:
+        if header:
+            lines.append(f"\n{header}")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def bridge_config(
@@ -643,12 +732,9 @@ def bridge_config(
 ) -> Path:
     """Write a service config file with ``settings`` at the top, ``[bridges.NAME]`` and
     ``[maps.NAME]`` tables; return its path."""
-    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
-    for kind, tables in (("bridges", bridges), ("maps", maps)):
-        for name, table in tables.items():
-            lines.append(f"\n[{kind}.{name}]")
-            lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
-    path.write_text("\n".join(lines) + "\n")
+    tables = {f"bridges.{name}": table for name, table in bridges.items()}
+    tables.update({f"maps.{name}": table for name, table in maps.items()})
+    path.write_text(config_toml(settings, tables, section=""))
     return path
 
 
@@ -684,3 +770,101 @@ async def until(check: Callable[[], object], timeout: float, what: str) -> float
 def player_rows(players: dict[str, Player]) -> list[tuple[object, ...]]:
     """The rows a typed Player table (``key, name, score, level``) holds for ``players``."""
     return sorted((k, p.name, p.score, p.level) for k, p in players.items())
+
+
+# ---------------------------------------------- bridged services in this process
+
+PLAYER_COLUMNS = ("key", "name", "score", "level")  # a typed Player table's
+
+
+class BridgedServices:
+    """In-process services with one bridge "db" to the test's database (few, quick retries:
+    a test that goes wrong fails fast) and short heartbeats. The ``bridged`` fixture closes
+    those still running before the tables are dropped; ``close(service)`` closes one (and
+    the fixture leaves it be)."""
+
+    def __init__(self, db: SqlDatabase, tmp_path: Path) -> None:
+        self.db = db
+        self.data_dir = tmp_path / "data"
+        self.running: list[Service] = []
+
+    async def start(
+        self,
+        maps: dict[str, MapBridge],
+        url: str | None = None,
+        bridge: dict[str, object] | None = None,
+        **options: Any,
+    ) -> Service:
+        """A started service with ``maps`` on the database at ``url`` (by default the
+        test's), ``bridge`` settings on top of the quick ones; ``options`` go to Service."""
+        settings = {
+            "url": url or self.db.url,
+            "retries": 2,
+            "retry_delay": 0.05,
+            "connect_timeout": 5,
+            **(bridge or {}),
+        }
+        options = {
+            "data_dir": self.data_dir,
+            "heartbeat": 0.5,
+            "heartbeat_timeout": 2.0,
+            **options,
+        }
+        service = Service(
+            "127.0.0.1",
+            0,
+            bridges={"db": msgspec.convert(settings, BridgeSettings)},
+            maps=maps,
+            **options,
+        )
+        await service.start()
+        self.running.append(service)
+        return service
+
+    async def start_typed(
+        self,
+        prefix: str,
+        url: str | None = None,
+        bridge: dict[str, object] | None = None,
+        **options: Any,
+    ) -> tuple[str, Service, Map[Any, Player]]:
+        """``start()`` with one typed map of Players on a table named for ``prefix``: the
+        table (and map) name, the service, and the map in its grid."""
+        table = self.db.name(prefix)
+        service = await self.start({table: typed()}, url, bridge, **options)
+        return table, service, service.grid.map(table, Player)
+
+    async def close(self, service: Service) -> FlushReport | None:
+        self.running.remove(service)
+        return await service.close()
+
+
+def typed(**options: Any) -> MapBridge:
+    """A typed map of Player values on bridge "db"."""
+    return MapBridge(bridge="db", mode="typed", type=Player, **options)
+
+
+def figures(report: FlushReport) -> list[tuple[str, int, int, int, int]]:
+    """Per map of a flush's report: (map, written, deleted, set aside, failed), all on
+    bridge "db"."""
+    assert all(m.bridge == "db" for m in report.maps)
+    return [(m.map, m.written, m.deleted, m.set_aside, m.failed) for m in report.maps]
+
+
+async def grid_items(service: Service, map_name: str, value_type: Any = Player) -> dict[Any, Any]:
+    """What the service's grid map holds."""
+    return {k: v async for k, v in service.grid.map(map_name, value_type).items()}
+
+
+async def flush_writes(
+    service: Service,
+    db: SqlDatabase,
+    table: str,
+    counts: tuple[int, int, int, int],
+    expected: dict[str, Player],
+) -> None:
+    """Flush ``service``: its report is of the one map ``table`` with ``counts`` (written,
+    deleted, set aside, failed), and the table then holds exactly ``expected``."""
+    report = await service.flush()
+    assert figures(report) == [(table, *counts)]
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)

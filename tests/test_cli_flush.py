@@ -3,15 +3,23 @@ progress and summary, the rows it leaves in the database, exit codes, and refusa
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import pytest
-from support import ServiceProcess, clean_env, cli_command, free_port
+from support import (
+    ServiceProcess,
+    clean_env,
+    config_toml,
+    free_port,
+    rows_after,
+    run_cli,
+    serve_config,
+    table_rows,
+)
 
 from packetstack import Client
 
@@ -31,40 +39,27 @@ class Player(msgspec.Struct):
     score: int = 0
 """
 
-CONFIG = """\
-[service]
-heartbeat = 1.0
-heartbeat_timeout = 3.0
 
-[[service.principals]]
-name = "ops"
-token = "{ops}"
-admin = true
-
-[[service.principals]]
-name = "flusher"
-token = "{flusher}"
-endings = ["flush-*"]
-flush = true
-
-[[service.principals]]
-name = "app"
-token = "{app}"
-
-[service.bridges.local]
-url = "sqlite+aiosqlite:///{database}"
-batch = 100
-retries = 2
-retry_delay = 0.05
-
-[service.maps.players]
-bridge = "local"
-mode = "typed"
-type = "flushmodels:Player"
-
-[service.maps.notes]
-bridge = "local"
-"""
+def config(database: Path) -> str:
+    """The principals (an operator, a flusher, an app) and a SQLite bridge for two maps."""
+    return config_toml(
+        {"heartbeat": 1.0, "heartbeat_timeout": 3.0},
+        {
+            "bridges.local": {
+                "url": f"sqlite+aiosqlite:///{database}",
+                "batch": 100,
+                "retries": 2,
+                "retry_delay": 0.05,
+            },
+            "maps.players": {"bridge": "local", "mode": "typed", "type": "flushmodels:Player"},
+            "maps.notes": {"bridge": "local"},
+        },
+        [
+            {"name": "ops", "token": OPS_TOKEN, "admin": True},
+            {"name": "flusher", "token": FLUSH_TOKEN, "endings": ["flush-*"], "flush": True},
+            {"name": "app", "token": APP_TOKEN},
+        ],
+    )
 
 
 class Player(msgspec.Struct):
@@ -76,82 +71,39 @@ class NotAPlayer(msgspec.Struct):
     name: int
 
 
-@pytest.fixture
-def services() -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for service in started:
-        service.stop()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for client in made:
-        await client.close()
+class Served(NamedTuple):
+    service: ServiceProcess
+    app: Client  # connected as the app
+    database: Path  # the bridge's SQLite file
 
 
 async def serve(
-    tmp_path: Path, services: list[ServiceProcess], database: Path | None = None
-) -> ServiceProcess:
-    """A ``packetstack serve`` child with the principals and the SQLite bridge above."""
+    tmp_path: Path,
+    services: list[ServiceProcess],
+    clients: list[Client],
+    database: Path | None = None,
+) -> Served:
+    """A ``packetstack serve`` child with the principals and the SQLite bridge (to
+    ``database``, by default tmp_path/app.db) above, and a client connected to it as the
+    app."""
     (tmp_path / "flushmodels.py").write_text(MODELS)
-    config = tmp_path / "packetstack.toml"
     database = database or tmp_path / "app.db"
-    config.write_text(
-        CONFIG.format(ops=OPS_TOKEN, flusher=FLUSH_TOKEN, app=APP_TOKEN, database=database)
-    )
-    service = ServiceProcess(
-        free_port(),
-        tmp_path,
-        clean_env(PYTHONPATH=str(tmp_path)),
-        serve_args=("--config", str(config)),
-    )
-    services.append(service)
-    service.start()
-    await service.wait_listening()
-    return service
+    env = clean_env(PYTHONPATH=str(tmp_path))
+    service = await serve_config(tmp_path, services, config(database), env)
+    app = Client("app-1", service.url, token=APP_TOKEN)
+    clients.append(app)
+    await app.connect()
+    return Served(service, app, database)
 
 
-async def cli(command: str, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run ``packetstack COMMAND ARGS`` without blocking the loop: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        *cli_command(command, *args),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean_env(COLUMNS="200"),
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+@pytest.fixture
+async def served(tmp_path: Path, services: list[ServiceProcess], clients: list[Client]) -> Served:
+    return await serve(tmp_path, services, clients)
 
 
 def summary_rows(out: str) -> list[list[str]]:
     """The cells of each row of the summary table (titled ``Flush: N s``) that flush prints."""
-    return _rows_after(out.splitlines(), lambda line: line.startswith("Flush: "))
-
-
-def table_rows(out: str, title: str) -> list[list[str]]:
-    """The cells of each row of the table titled ``title`` in ``packetstack status``'s output."""
-    return _rows_after(out.splitlines(), lambda line: line.strip() == title)
-
-
-def _rows_after(lines: list[str], is_title: Callable[[str], bool]) -> list[list[str]]:
-    """The rows of the first table whose title line passes ``is_title``; a cell folded over
-    several lines (its row's first cell is blank there) is joined back together."""
-    start = next(i for i, line in enumerate(lines) if is_title(line))
-    body = next(i for i in range(start, len(lines)) if lines[i].startswith("┡"))
-    rows: list[list[str]] = []
-    for line in lines[body + 1 :]:
-        if not line.startswith("│"):
-            break
-        cells = [cell.strip() for cell in line.split("│")[1:-1]]
-        if rows and not cells[0]:
-            rows[-1] = [(a + " " + b).strip() for a, b in zip(rows[-1], cells, strict=True)]
-        else:
-            rows.append(cells)
-    return rows
+    return rows_after(out.splitlines(), lambda line: line.startswith("Flush: "))
 
 
 def rows(database: Path, sql: str) -> list[tuple[object, ...]]:
@@ -159,19 +111,8 @@ def rows(database: Path, sql: str) -> list[tuple[object, ...]]:
         return db.execute(sql).fetchall()
 
 
-async def app_client(service: ServiceProcess, clients: list[Client]) -> Client:
-    client = Client("app-1", service.url, token=APP_TOKEN)
-    clients.append(client)
-    await client.connect()
-    return client
-
-
-async def test_flush_writes_the_rows_with_progress_and_a_summary(
-    tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
-) -> None:
-    service = await serve(tmp_path, services)
-    database = tmp_path / "app.db"
-    app = await app_client(service, clients)
+async def test_flush_writes_the_rows_with_progress_and_a_summary(served: Served) -> None:
+    service, app, database = served
     players = app.grid.map("players", Player)
     await players.put_all({f"p{n:03}": Player(f"Player {n}", n) for n in range(250)})
     for score in range(5):  # coalesced: one row with the last value
@@ -182,7 +123,7 @@ async def test_flush_writes_the_rows_with_progress_and_a_summary(
     # Tables are created at start; nothing is written before a flush.
     assert rows(database, "SELECT count(*) FROM players") == [(0,)]
 
-    code, out, err = await cli("flush", "--url", service.url, "--token", FLUSH_TOKEN)
+    code, out, err = await run_cli("flush", "--url", service.url, "--token", FLUSH_TOKEN)
 
     assert code == 0, out + err
     assert "map players" in out and "250/250" in out  # the progress bar, drawn to the end
@@ -201,7 +142,7 @@ async def test_flush_writes_the_rows_with_progress_and_a_summary(
     # Deletes become deletes; --map flushes that map only.
     await players.delete("p001")
     await notes.delete("motd")
-    code, out, err = await cli(
+    code, out, err = await run_cli(
         "flush", "--url", service.url, "--token", FLUSH_TOKEN, "--map", "notes"
     )
     assert code == 0, out + err
@@ -210,7 +151,7 @@ async def test_flush_writes_the_rows_with_progress_and_a_summary(
     assert rows(database, "SELECT count(*) FROM players") == [(249,)]
 
     # The status shows what is still dirty (p001's delete) and the flushes so far.
-    code, out, err = await cli("status", "--url", service.url, "--token", OPS_TOKEN)
+    code, out, err = await run_cli("status", "--url", service.url, "--token", OPS_TOKEN)
     assert code == 0, err
     assert table_rows(out, "Bridges (write-behind)") == [
         ["players", "local", "players", "none", "1", "0", ""],
@@ -218,7 +159,7 @@ async def test_flush_writes_the_rows_with_progress_and_a_summary(
     ]
     assert "flushes 2, retries 0; last flush: 0 written, 1 deleted, 0 set aside" in out
 
-    code, out, err = await cli("flush", "--url", service.url, "--token", OPS_TOKEN)  # admin may
+    code, out, err = await run_cli("flush", "--url", service.url, "--token", OPS_TOKEN)  # admin may
     assert code == 0, out + err
     assert summary_rows(out) == [
         ["players", "local", "0", "1", "0", "0", "0", ""],
@@ -227,14 +168,11 @@ async def test_flush_writes_the_rows_with_progress_and_a_summary(
     assert rows(database, "SELECT count(*) FROM players WHERE key = 'p001'") == [(0,)]
 
 
-async def test_flush_refused_to_a_principal_without_the_flush_right(
-    tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
-) -> None:
-    service = await serve(tmp_path, services)
-    app = await app_client(service, clients)
+async def test_flush_refused_to_a_principal_without_the_flush_right(served: Served) -> None:
+    service, app, database = served
     await app.grid.map("players", Player).put("ann", Player("Ann"))
 
-    code, out, err = await cli("flush", "--url", service.url, "--token", APP_TOKEN)
+    code, out, err = await run_cli("flush", "--url", service.url, "--token", APP_TOKEN)
 
     assert code == 2, out + err
     assert "Flush:" not in out
@@ -246,9 +184,9 @@ async def test_flush_refused_to_a_principal_without_the_flush_right(
     assert "--token" in fix and "flush = true" in fix
     assert APP_TOKEN not in err
     assert "Traceback" not in err
-    assert rows(tmp_path / "app.db", "SELECT count(*) FROM players") == [(0,)]  # nothing written
+    assert rows(database, "SELECT count(*) FROM players") == [(0,)]  # nothing written
 
-    code, out, _ = await cli("status", "--url", service.url, "--token", OPS_TOKEN)
+    code, out, _ = await run_cli("status", "--url", service.url, "--token", OPS_TOKEN)
     assert code == 0
     row = next(line for line in out.splitlines() if "permission_denied" in line)
     assert row.split("│")[2].strip() == "1"  # the refusal was counted
@@ -257,7 +195,9 @@ async def test_flush_refused_to_a_principal_without_the_flush_right(
 async def test_flush_of_a_service_that_is_not_running(tmp_path: Path) -> None:
     url = f"ps://127.0.0.1:{free_port()}"
 
-    code, out, err = await cli("flush", "--url", url, "--token", FLUSH_TOKEN, "--timeout", "0.5")
+    code, out, err = await run_cli(
+        "flush", "--url", url, "--token", FLUSH_TOKEN, "--timeout", "0.5"
+    )
 
     assert code == 2, out + err
     assert f"error: cannot reach the service at {url}" in err
@@ -265,15 +205,12 @@ async def test_flush_of_a_service_that_is_not_running(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-async def test_flush_of_a_map_without_a_bridge(
-    tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
-) -> None:
-    service = await serve(tmp_path, services)
-    app = await app_client(service, clients)
+async def test_flush_of_a_map_without_a_bridge(served: Served) -> None:
+    service, app, database = served
     await app.grid.map("players", Player).put("ann", Player("Ann"))
 
     args = ("--url", service.url, "--token", FLUSH_TOKEN, "--map", "unknown")
-    code, out, err = await cli("flush", *args)
+    code, out, err = await run_cli("flush", *args)
 
     assert code == 2, out + err
     error = next(line for line in err.splitlines() if line.startswith("error: "))
@@ -281,25 +218,21 @@ async def test_flush_of_a_map_without_a_bridge(
     assert "flush one of ['notes', 'players']" in error  # the maps it could flush
     assert "fix: " in err
     assert "Traceback" not in err
-    assert rows(tmp_path / "app.db", "SELECT count(*) FROM players") == [(0,)]  # nothing flushed
+    assert rows(database, "SELECT count(*) FROM players") == [(0,)]  # nothing flushed
 
 
-async def test_entries_set_aside_exit_1_until_they_are_fixed(
-    tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
-) -> None:
-    service = await serve(tmp_path, services)
-    database = tmp_path / "app.db"
-    app = await app_client(service, clients)
+async def test_entries_set_aside_exit_1_until_they_are_fixed(served: Served) -> None:
+    service, app, database = served
     await app.grid.map("players", Player).put_all({"ann": Player("Ann", 1), "bob": Player("Bob")})
     await app.grid.map("players", NotAPlayer).put("eve", NotAPlayer(7))  # not a Player
     flush = ("--url", service.url, "--token", FLUSH_TOKEN)
 
-    code, out, err = await cli("flush", *flush)
+    code, out, err = await run_cli("flush", *flush)
 
     assert code == 1, out + err
     assert summary_rows(out)[0] == ["players", "local", "2", "0", "1", "1", "0", ""]
     assert rows(database, "SELECT key FROM players ORDER BY key") == [("ann",), ("bob",)]
-    code, out, err = await cli("status", "--url", service.url, "--token", OPS_TOKEN)
+    code, out, err = await run_cli("status", "--url", service.url, "--token", OPS_TOKEN)
     assert code == 0, err
     assert table_rows(out, "Bridges (write-behind)")[0][4:6] == ["1", "1"]  # dirty, set aside
     [aside] = table_rows(out, "Set aside by flushes")
@@ -308,18 +241,18 @@ async def test_entries_set_aside_exit_1_until_they_are_fixed(
 
     # Skipped by later flushes, which still report it (status 1: a cron job keeps seeing
     # it), and tried again (and refused again) only when asked.
-    code, out, _ = await cli("flush", *flush)
+    code, out, _ = await run_cli("flush", *flush)
     assert code == 1 and summary_rows(out)[0] == ["players", "local", "0", "0", "0", "1", "0", ""]
-    code, out, _ = await cli("flush", *flush, "--retry-rejected")
+    code, out, _ = await run_cli("flush", *flush, "--retry-rejected")
     assert code == 1 and summary_rows(out)[0] == ["players", "local", "0", "0", "1", "1", "0", ""]
 
     # Fixed in the grid: the next flush writes it and forgets the error.
     await app.grid.map("players", Player).put("eve", Player("Eve", 3))
-    code, out, err = await cli("flush", *flush)
+    code, out, err = await run_cli("flush", *flush)
     assert code == 0, out + err
     assert summary_rows(out)[0] == ["players", "local", "1", "0", "0", "0", "0", ""]
     assert rows(database, "SELECT * FROM players WHERE key = 'eve'") == [("eve", "Eve", 3)]
-    code, out, _ = await cli("status", "--url", service.url, "--token", OPS_TOKEN)
+    code, out, _ = await run_cli("status", "--url", service.url, "--token", OPS_TOKEN)
     assert "Set aside by flushes" not in out
 
 
@@ -327,13 +260,12 @@ async def test_an_unreachable_database_leaves_the_entries_dirty(
     tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
 ) -> None:
     folder = tmp_path / "not-yet"  # SQLite cannot open a file in a folder that does not exist
-    service = await serve(tmp_path, services, folder / "app.db")
+    service, app, database = await serve(tmp_path, services, clients, folder / "app.db")
     assert "the service starts without it and retries at the next flush" in service.log()
-    app = await app_client(service, clients)
     await app.grid.map("players", Player).put_all({f"p{n}": Player(f"P{n}") for n in range(3)})
     flush = ("--url", service.url, "--token", FLUSH_TOKEN)
 
-    code, out, err = await cli("flush", *flush)
+    code, out, err = await run_cli("flush", *flush)
 
     assert code == 1, out + err
     players, notes = summary_rows(out)
@@ -344,18 +276,14 @@ async def test_an_unreachable_database_leaves_the_entries_dirty(
     assert "still dirty entries are written by the next flush" in out
 
     folder.mkdir()
-    code, out, err = await cli("flush", *flush)
+    code, out, err = await run_cli("flush", *flush)
     assert code == 0, out + err
     assert summary_rows(out)[0] == ["players", "local", "3", "0", "0", "0", "0", ""]
-    assert rows(folder / "app.db", "SELECT count(*) FROM players") == [(3,)]
+    assert rows(database, "SELECT count(*) FROM players") == [(3,)]
 
 
-async def test_stopping_the_service_flushes_and_a_kill_loses_nothing(
-    tmp_path: Path, services: list[ServiceProcess], clients: list[Client]
-) -> None:
-    service = await serve(tmp_path, services)
-    database = tmp_path / "app.db"
-    app = await app_client(service, clients)
+async def test_stopping_the_service_flushes_and_a_kill_loses_nothing(served: Served) -> None:
+    service, app, database = served
     players = app.grid.map("players", Player)
     await players.put_all({f"p{n}": Player(f"P{n}", n) for n in range(10)})
 

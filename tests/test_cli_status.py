@@ -8,13 +8,23 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from rich.console import Console
-from support import ServiceProcess, clean_env, cli_command, free_port, service_env
+from support import (
+    ServiceProcess,
+    clean_env,
+    cli_command,
+    config_toml,
+    free_port,
+    run_cli,
+    serve_config,
+    service_env,
+    spawn_cli,
+    table_rows,
+)
 
 from packetstack import Client, Packet
 from packetstack.errors import AuthenticationFailed
@@ -26,26 +36,15 @@ pytestmark = pytest.mark.timeout(90)
 OPS_TOKEN = "ops-0f3c9a8e77d2"
 APP_TOKEN = "app-5b1e4c0d92aa"
 WATCHER_TOKEN = "watcher-77c1d0e3b5f4"
-PRINCIPALS = f"""
-[service]
-heartbeat = 1.0
-heartbeat_timeout = 3.0
-
-[[service.principals]]
-name = "ops"
-token = "{OPS_TOKEN}"
-admin = true
-
-[[service.principals]]
-name = "app"
-token = "{APP_TOKEN}"
-
-[[service.principals]]
-name = "watcher"
-token = "{WATCHER_TOKEN}"
-endings = ["watch-*"]
-admin = true
-"""
+PRINCIPALS = config_toml(
+    {"heartbeat": 1.0, "heartbeat_timeout": 3.0},
+    {},
+    [
+        {"name": "ops", "token": OPS_TOKEN, "admin": True},
+        {"name": "app", "token": APP_TOKEN},
+        {"name": "watcher", "token": WATCHER_TOKEN, "endings": ["watch-*"], "admin": True},
+    ],
+)
 
 
 class StatusNote(Packet):
@@ -53,52 +52,16 @@ class StatusNote(Packet):
     n: int
 
 
-@pytest.fixture
-def services() -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for service in started:
-        service.stop()
-
-
 async def serve(
     tmp_path: Path, services: list[ServiceProcess], *args: str, **settings: object
 ) -> ServiceProcess:
     """A ``packetstack serve`` child with the principals above (``packetstack ARGS serve``)."""
-    config = tmp_path / "packetstack.toml"
-    config.write_text(PRINCIPALS)
-    service = ServiceProcess(
-        free_port(),
-        tmp_path,
-        service_env(**settings),
-        args=args,
-        serve_args=("--config", str(config)),
-    )
-    services.append(service)
-    service.start()
-    await service.wait_listening()
-    return service
+    return await serve_config(tmp_path, services, PRINCIPALS, service_env(**settings), args=args)
 
 
-async def status(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
-    """Run ``packetstack status ARGS`` without blocking the loop: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        *cli_command("status", *args),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean_env(COLUMNS="200"),
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for client in made:
-        await client.close()
+async def status(*args: str) -> tuple[int, str, str]:
+    """Run ``packetstack status ARGS``: (exit code, stdout, stderr)."""
+    return await run_cli("status", *args, timeout=30.0)
 
 
 async def test_status_shows_endings_groups_and_mailboxes(
@@ -128,18 +91,6 @@ async def test_status_shows_endings_groups_and_mailboxes(
     assert "mailbox_stored" in out
     assert "packetstack.db" in out
     assert "connected to" not in err  # the status client's own INFO lines are quiet
-
-
-def table_rows(out: str, title: str) -> list[list[str]]:
-    """The cells of each row of the table titled ``title`` in ``packetstack status``'s output."""
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == title)
-    rows = []
-    for line in lines[start + 4 :]:  # past the title, the border, the header, the rule
-        if not line.startswith("│"):
-            break
-        rows.append([cell.strip() for cell in line.split("│")[1:-1]])
-    return rows
 
 
 async def test_status_shows_the_grid(
@@ -281,12 +232,7 @@ async def test_status_watch_refreshes_until_interrupted(
     tmp_path: Path, services: list[ServiceProcess], signum: int
 ) -> None:
     service = await serve(tmp_path, services)
-    proc = await asyncio.create_subprocess_exec(
-        *cli_command("status", "--url", service.url, "--token", OPS_TOKEN, "--watch", "0.2"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean_env(COLUMNS="200"),
-    )
+    proc = await spawn_cli("status", "--url", service.url, "--token", OPS_TOKEN, "--watch", "0.2")
     assert proc.stdout is not None
     marker = b"every 0.2 s, Ctrl-C to stop"  # in each view's heading
     seen = b""

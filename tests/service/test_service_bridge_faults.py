@@ -15,12 +15,13 @@ import subprocess
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
 import sqlalchemy as sa
 from support import (
+    PLAYER_COLUMNS,
+    BridgedServices,
     DatabaseProxy,
     Player,
     ServiceProcess,
@@ -28,32 +29,23 @@ from support import (
     bridge_config,
     bridge_service,
     exited,
+    figures,
+    flush_writes,
+    grid_items,
     player_rows,
     spawn_script,
-    sql_database,
+    typed,
     until,
     wait_until,
 )
 
-from packetstack import Client, Service
+from packetstack import Client
 from packetstack.errors import BridgeUnavailable
-from packetstack.grid.writebehind import FlushReport
-from packetstack.storage import BridgeSettings, MapBridge
 
 pytestmark = pytest.mark.timeout(90)
 
-COLUMNS = ("key", "name", "score", "level")
 ALL = ["postgresql", "mariadb", "sqlite"]
 SERVERS = ["postgresql", "mariadb"]  # those a proxy can stand in front of
-
-
-@pytest.fixture
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlDatabase]:
-    database = sql_database(request.param, tmp_path)
-    try:
-        yield database
-    finally:
-        await database.drop()
 
 
 @pytest.fixture
@@ -65,69 +57,8 @@ async def proxy(db: SqlDatabase) -> AsyncIterator[DatabaseProxy]:
     await started.close()
 
 
-class Services:
-    """In-process services with one bridge "db" (few, quick retries: a test that goes
-    wrong fails fast); those still running are closed before the tables are dropped."""
-
-    def __init__(self, db: SqlDatabase, tmp_path: Path) -> None:
-        self.db = db
-        self.data_dir = tmp_path / "data"
-        self.running: list[Service] = []
-
-    async def start(
-        self,
-        maps: dict[str, MapBridge],
-        url: str | None = None,
-        bridge: dict[str, Any] | None = None,
-    ) -> Service:
-        settings = {
-            "url": url or self.db.url,
-            "retries": 2,
-            "retry_delay": 0.05,
-            "connect_timeout": 5,
-            **(bridge or {}),
-        }
-        service = Service(
-            "127.0.0.1",
-            0,
-            data_dir=self.data_dir,
-            bridges={"db": msgspec.convert(settings, BridgeSettings)},
-            maps=maps,
-        )
-        await service.start()
-        self.running.append(service)
-        return service
-
-    async def close(self, service: Service) -> FlushReport | None:
-        self.running.remove(service)
-        return await service.close()
-
-
-@pytest.fixture
-async def services(db: SqlDatabase, tmp_path: Path) -> AsyncIterator[Services]:
-    started = Services(db, tmp_path)
-    yield started
-    for service in list(started.running):
-        await started.close(service)
-
-
-def typed(**options: Any) -> MapBridge:
-    return MapBridge(bridge="db", mode="typed", type=Player, **options)
-
-
-def figures(report: FlushReport) -> list[tuple[str, int, int, int, int]]:
-    """Per map of a flush's report: (map, written, deleted, set aside, failed), all on
-    bridge "db"."""
-    assert all(m.bridge == "db" for m in report.maps)
-    return [(m.map, m.written, m.deleted, m.set_aside, m.failed) for m in report.maps]
-
-
 def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:
     return {f"{name}{n:05d}": Player(f"{n:04d}", n) for n in range(start, start + count)}
-
-
-async def grid_items(service: Service, map_name: str) -> dict[str, Player]:
-    return {k: v async for k, v in service.grid.map(map_name, Player).items()}
 
 
 # ------------------------------------------------------------ a poisoned entry
@@ -161,11 +92,11 @@ async def narrow_table(db: SqlDatabase, table: str) -> None:
 
 @pytest.mark.parametrize("db", ALL, indirect=True)
 async def test_a_poisoned_entry_is_set_aside_and_the_good_ones_written(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     table = db.name("poison")
     await narrow_table(db, table)
-    service = await services.start({table: typed()}, bridge={"batch": 1000})
+    service = await bridged.start({table: typed()}, bridge={"batch": 1000})
     grid = service.grid.map(table, Player)
     good = players(1000)
     await grid.put_all(good)
@@ -177,7 +108,7 @@ async def test_a_poisoned_entry_is_set_aside_and_the_good_ones_written(
 
     assert figures(report) == [(table, 1000, 0, 1, 0)]
     assert report.maps[0].still_set_aside == 1 and not report.ok
-    assert await db.rows(table, *COLUMNS) == player_rows(good)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(good)
     journal = service.grid.bridges.journal
     ((map_name, key, error, _),) = await journal.rejected()
     assert (map_name, msgspec.msgpack.decode(key)) == (table, "p0050x")
@@ -202,7 +133,7 @@ async def test_a_poisoned_entry_is_set_aside_and_the_good_ones_written(
     assert await journal.rejected() == []
     assert await journal.dirty_counts() == {}
     good["p0050x"] = Player("fixed", 2)
-    assert await db.rows(table, *COLUMNS) == player_rows(good)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(good)
 
 
 UNSTORABLE = {  # values a Player holds that a database cannot take into its columns
@@ -223,19 +154,14 @@ CLASSIFIED = "bug: storage/sql.py _classified() sets aside only sa_exc.DataError
     indirect=["db"],
 )
 async def test_a_value_the_database_cannot_store_is_set_aside(
-    db: SqlDatabase, services: Services, bad: str
+    db: SqlDatabase, bridged: BridgedServices, bad: str
 ) -> None:
-    table = db.name("unstorable")
-    service = await services.start({table: typed()})  # the table the bridge makes
-    grid = service.grid.map(table, Player)
+    table, service, grid = await bridged.start_typed("unstorable")  # the table the bridge makes
     good = players(300)
     await grid.put_all(good)
     await grid.put("p0010x", UNSTORABLE[bad])  # among the others, in the same batch
 
-    report = await service.flush()
-
-    assert figures(report) == [(table, 300, 0, 1, 0)]
-    assert await db.rows(table, *COLUMNS) == player_rows(good)
+    await flush_writes(service, db, table, (300, 0, 1, 0), good)
     ((_, key, error, _),) = await service.grid.bridges.journal.rejected()
     assert msgspec.msgpack.decode(key) == "p0010x"
     assert "the database refused the data" in error
@@ -246,11 +172,11 @@ async def test_a_value_the_database_cannot_store_is_set_aside(
 
 @pytest.mark.parametrize("db", SERVERS, indirect=True)
 async def test_a_database_lost_before_a_flush_loses_nothing(
-    db: SqlDatabase, services: Services, proxy: DatabaseProxy
+    db: SqlDatabase, bridged: BridgedServices, proxy: DatabaseProxy
 ) -> None:
-    table = db.name("lostbefore")
-    service = await services.start({table: typed()}, db.through(proxy.port), {"batch": 100})
-    grid = service.grid.map(table, Player)
+    table, service, grid = await bridged.start_typed(
+        "lostbefore", db.through(proxy.port), {"batch": 100}
+    )
     first = players(1000)
     await grid.put_all(first)
     assert (await service.flush()).written == 1000  # its connections are up and pooled
@@ -268,23 +194,22 @@ async def test_a_database_lost_before_a_flush_loses_nothing(
     assert f"writing map '{table}' to bridge 'db'" in flushed.error
     assert "gave up after 2 attempts" in flushed.error
     assert not report.ok
-    assert await db.rows(table, *COLUMNS) == player_rows(first)  # untouched
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(first)  # untouched
     assert await service.grid.bridges.journal.dirty_counts() == {table: (620, 0)}
-    assert service.snapshot()["bridges"]["retries"] == 1
+    # Both batches (500 + 120 entries) were being written at once: each retried once.
+    assert service.snapshot()["bridges"]["retries"] == 2
 
     await proxy.up()
-    report = await service.flush()
-    assert figures(report) == [(table, 600, 20, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == player_rows(await grid_items(service, table))
+    await flush_writes(service, db, table, (600, 20, 0, 0), await grid_items(service, table))
     assert await db.count(table) == 1000 + 500 - 20
 
 
 @pytest.mark.parametrize("db", SERVERS, indirect=True)
 async def test_a_database_lost_during_a_flush_loses_nothing(
-    db: SqlDatabase, services: Services, proxy: DatabaseProxy
+    db: SqlDatabase, bridged: BridgedServices, proxy: DatabaseProxy
 ) -> None:
     table = db.name("lostduring")
-    service = await services.start({table: typed()}, db.through(proxy.port), {"batch": 100})
+    service = await bridged.start({table: typed()}, db.through(proxy.port), {"batch": 100})
     expected = players(1000)
     await service.grid.map(table, Player).put_all(expected)
 
@@ -297,26 +222,24 @@ async def test_a_database_lost_during_a_flush_loses_nothing(
     (flushed,) = report.maps
     assert (flushed.written, flushed.set_aside, flushed.failed) == (100, 0, 900)
     assert "gave up after 2 attempts" in flushed.error
-    assert await db.rows(table, *COLUMNS) == player_rows(dict(list(expected.items())[:100]))
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(dict(list(expected.items())[:100]))
     assert await service.grid.bridges.journal.dirty_counts() == {table: (900, 0)}
 
     await proxy.up()
-    report = await service.flush()
-    assert figures(report) == [(table, 900, 0, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    await flush_writes(service, db, table, (900, 0, 0, 0), expected)
 
 
 @pytest.mark.parametrize("db", SERVERS, indirect=True)
 async def test_a_service_starts_without_its_database_and_flushes_once_it_is_back(
-    db: SqlDatabase, services: Services, proxy: DatabaseProxy
+    db: SqlDatabase, bridged: BridgedServices, proxy: DatabaseProxy
 ) -> None:
     table, eager = db.name("startdown"), db.name("eagerdown")
     url = db.through(proxy.port)
     proxy.down()
     with pytest.raises(BridgeUnavailable, match=f"maps \\['{eager}'\\] load from it at start"):
-        await services.start({table: typed(), eager: typed(load="eager")}, url)
+        await bridged.start({table: typed(), eager: typed(load="eager")}, url)
 
-    service = await services.start({table: typed()}, url)
+    service = await bridged.start({table: typed()}, url)
     expected = players(50)
     await service.grid.map(table, Player).put_all(expected)
     report = await service.flush()
@@ -325,14 +248,12 @@ async def test_a_service_starts_without_its_database_and_flushes_once_it_is_back
     assert not await db.exists(table)
 
     await proxy.up()
-    report = await service.flush()
-    assert figures(report) == [(table, 50, 0, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    await flush_writes(service, db, table, (50, 0, 0, 0), expected)
 
 
 @pytest.mark.parametrize("db", SERVERS, indirect=True)
 async def test_a_table_found_not_to_fit_at_a_flush_leaves_the_entries_dirty(
-    db: SqlDatabase, services: Services, proxy: DatabaseProxy
+    db: SqlDatabase, bridged: BridgedServices, proxy: DatabaseProxy
 ) -> None:
     """The database is down at start, so the table is checked at the first flush, and it
     does not fit: that flush and the one on close report it, the entries stay dirty, and
@@ -342,7 +263,7 @@ async def test_a_table_found_not_to_fit_at_a_flush_leaves_the_entries_dirty(
         f"CREATE TABLE {table} (k VARCHAR(255) PRIMARY KEY, name BIGINT, score TEXT)"
     )
     proxy.down()
-    service = await services.start({table: typed(key_column="k")}, db.through(proxy.port))
+    service = await bridged.start({table: typed(key_column="k")}, db.through(proxy.port))
     await service.grid.map(table, Player).put("p", Player("p", 1))
     await proxy.up()
 
@@ -350,7 +271,7 @@ async def test_a_table_found_not_to_fit_at_a_flush_leaves_the_entries_dirty(
     assert figures(report) == [(table, 0, 0, 0, 1)]
     assert f"table '{table}' does not fit map '{table}'" in report.maps[0].error
     assert await service.grid.bridges.journal.dirty_counts() == {table: (1, 0)}
-    closing = await services.close(service)
+    closing = await bridged.close(service)
     assert closing is not None and figures(closing) == [(table, 0, 0, 0, 1)]
     assert service.mailboxes.store.closed
     assert await db.count(table) == 0
@@ -470,7 +391,7 @@ async def test_acknowledged_entries_reach_the_database_after_a_kill9_before_any_
         last = log_path.read_text().strip().splitlines()[-1]
         assert json.loads(last) == {"flush": [2900, 100, 0, 0], "close": [0, 0, 0, 0]}
 
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
 
 
 @pytest.mark.parametrize("db", SERVERS, indirect=True)
@@ -496,7 +417,7 @@ async def test_a_service_stopped_while_its_database_is_down_writes_everything_af
     await grid.put_all(expected)
 
     async def database_has(players: dict[str, Player]) -> bool:
-        return await db.rows(table, *COLUMNS) == player_rows(players)
+        return await db.rows(table, *PLAYER_COLUMNS) == player_rows(players)
 
     await until(lambda: database_has(expected), 20, "the interval flush of 500 entries")
     flushed = dict(expected)
@@ -541,7 +462,7 @@ async def test_sigterm_waits_for_the_flush_before_exiting(
 
     log = await sigterm(serve)
 
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
     shutting = log.index("packetstack.service: shutting down")
     flushing = log.index("packetstack.bridge: flushing 1 bridged maps before closing")
     assert closing_figures(log) == (20000, 0, 0, 0)

@@ -11,95 +11,36 @@ at the end, whatever happened; the tests read it directly with SQLAlchemy."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import sqlalchemy as sa
 from support import (
+    PLAYER_COLUMNS,
+    BridgedServices,
     Player,
     SqlDatabase,
     bridge_config,
     bridge_service,
+    figures,
+    flush_writes,
+    grid_items,
     player_rows,
-    sql_database,
+    typed,
     until,
     wait_until,
 )
 
-from packetstack import Client, ConfigError, Service
+from packetstack import Client, ConfigError
 from packetstack.grid.writebehind import FlushReport
 from packetstack.service.admin import Status, StatusReport
 from packetstack.storage import BridgeSettings, MapBridge
 
 pytestmark = pytest.mark.timeout(60)
-
-COLUMNS = ("key", "name", "score", "level")  # a typed Player table's
-
-
-@pytest.fixture(params=["postgresql", "mariadb", "sqlite"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlDatabase]:
-    database = sql_database(request.param, tmp_path)
-    try:
-        yield database
-    finally:
-        await database.drop()
-
-
-class Services:
-    """Services with one bridge "db" to the test's database (few, quick retries: a test
-    that goes wrong fails fast); those still running are closed before the tables are
-    dropped. ``close(service)`` closes one (a second close of a bridged service fails)."""
-
-    def __init__(self, db: SqlDatabase, tmp_path: Path) -> None:
-        self.db = db
-        self.data_dir = tmp_path / "data"
-        self.running: list[Service] = []
-
-    async def start(
-        self, maps: dict[str, MapBridge], bridge: dict[str, Any] | None = None, **options: Any
-    ) -> Service:
-        settings = {"url": self.db.url, "retries": 2, "retry_delay": 0.05, **(bridge or {})}
-        service = Service(
-            "127.0.0.1",
-            0,
-            data_dir=options.pop("data_dir", self.data_dir),
-            bridges={"db": msgspec.convert(settings, BridgeSettings)},
-            maps=maps,
-            heartbeat=0.5,
-            heartbeat_timeout=2.0,
-            **options,
-        )
-        await service.start()
-        self.running.append(service)
-        return service
-
-    async def close(self, service: Service) -> FlushReport | None:
-        self.running.remove(service)
-        return await service.close()
-
-
-@pytest.fixture
-async def services(db: SqlDatabase, tmp_path: Path) -> AsyncIterator[Services]:
-    started = Services(db, tmp_path)
-    yield started
-    for service in list(started.running):
-        await started.close(service)
-
-
-def typed(**options: Any) -> MapBridge:
-    return MapBridge(bridge="db", mode="typed", type=Player, **options)
-
-
-def figures(report: FlushReport) -> list[tuple[str, int, int, int, int]]:
-    """Per map of a flush's report: (map, written, deleted, set aside, failed), all on
-    bridge "db"."""
-    assert all(m.bridge == "db" for m in report.maps)
-    return [(m.map, m.written, m.deleted, m.set_aside, m.failed) for m in report.maps]
 
 
 def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:
@@ -109,18 +50,14 @@ def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:
     }
 
 
-async def grid_items(service: Service, map_name: str, value_type: Any = Player) -> dict[Any, Any]:
-    return {k: v async for k, v in service.grid.map(map_name, value_type).items()}
-
-
 # ------------------------------------------------------------------ basic flush
 
 
 async def test_nothing_is_written_before_a_flush_then_exactly_the_grid(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     table = db.name("players")
-    service = await services.start({table: typed()})
+    service = await bridged.start({table: typed()})
     assert await db.exists(table)  # created at start
     grid = service.grid.map(table, Player)
     expected = players(500)
@@ -136,15 +73,17 @@ async def test_nothing_is_written_before_a_flush_then_exactly_the_grid(
 
     assert figures(report) == [(table, 520, 0, 0, 0)]
     assert report.ok
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
     assert await service.grid.bridges.journal.dirty_counts() == {}
     again = await service.flush()
     assert figures(again) == [(table, 0, 0, 0, 0)]
 
 
-async def test_document_mode_stores_each_value_as_json(db: SqlDatabase, services: Services) -> None:
+async def test_document_mode_stores_each_value_as_json(
+    db: SqlDatabase, bridged: BridgedServices
+) -> None:
     loose, structs = db.name("docs"), db.name("docplayers")
-    service = await services.start(
+    service = await bridged.start(
         {
             loose: MapBridge(bridge="db", key_column="id", value_column="doc"),
             structs: MapBridge(bridge="db", type=Player),
@@ -172,10 +111,10 @@ async def test_document_mode_stores_each_value_as_json(db: SqlDatabase, services
 
 
 async def test_a_key_put_a_hundred_times_is_written_once_with_its_last_value(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     table = db.name("scores")
-    service = await services.start({table: typed(key="int")})
+    service = await bridged.start({table: typed(key="int")})
     grid = service.grid.map(table, Player, int)
 
     async def keep_writing(key: int) -> None:
@@ -187,17 +126,15 @@ async def test_a_key_put_a_hundred_times_is_written_once_with_its_last_value(
 
     # One upsert per distinct key: ten rows written, not a thousand.
     assert figures(report) == [(table, 10, 0, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == [
+    assert await db.rows(table, *PLAYER_COLUMNS) == [
         (key, "round-99", key * 1000 + 99, None) for key in range(10)
     ]
 
 
 async def test_deletes_become_deletes_and_a_never_flushed_delete_is_harmless(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
-    table = db.name("deletes")
-    service = await services.start({table: typed()})
-    grid = service.grid.map(table, Player)
+    table, service, grid = await bridged.start_typed("deletes")
     expected = players(20)
     await grid.put_all(expected)
     assert (await service.flush()).written == 20
@@ -214,14 +151,14 @@ async def test_deletes_become_deletes_and_a_never_flushed_delete_is_harmless(
     # Five deletes of flushed rows and one of a key the database never had.
     assert figures(report) == [(table, 0, 6, 0, 0)]
     assert report.ok
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
 
 
 async def test_clear_deletes_the_maps_flushed_rows_on_the_next_flush(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     table, other = db.name("cleared"), db.name("kept")
-    service = await services.start({table: typed(), other: typed()})
+    service = await bridged.start({table: typed(), other: typed()})
     grid = service.grid.map(table, Player)
     await grid.put_all(players(30))
     await service.grid.map(other, Player).put_all(players(4))
@@ -238,19 +175,17 @@ async def test_clear_deletes_the_maps_flushed_rows_on_the_next_flush(
         (other, 0, 0, 0, 0),
     ]
     assert await db.count(table) == 0
-    assert await db.rows(other, *COLUMNS) == player_rows(players(4))
+    assert await db.rows(other, *PLAYER_COLUMNS) == player_rows(players(4))
 
     await grid.put_all(players(3, "again"))
     assert (await service.flush()).written == 3
-    assert await db.rows(table, *COLUMNS) == player_rows(players(3, "again"))
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(players(3, "again"))
 
 
 async def test_an_expired_entry_is_deleted_from_the_database(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
-    table = db.name("expiring")
-    service = await services.start({table: typed()})
-    grid = service.grid.map(table, Player)
+    table, service, grid = await bridged.start_typed("expiring")
     await grid.put("brief", Player("brief", 1), ttl=0.3)
     await grid.put("lasting", Player("lasting", 2))
     assert (await service.flush()).written == 2
@@ -262,16 +197,16 @@ async def test_an_expired_entry_is_deleted_from_the_database(
 
     await until(expired, 10, "the entry to expire")
     assert figures(await service.flush()) == [(table, 0, 1, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == [("lasting", "lasting", 2, None)]
+    assert await db.rows(table, *PLAYER_COLUMNS) == [("lasting", "lasting", 2, None)]
 
 
 async def test_writes_owned_by_a_holding_client_are_flushed(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     """A client holds the grid's data (every partition moves to it); another writes. The
     service journals every acknowledged write all the same, and flushes it."""
     table = db.name("held")
-    service = await services.start({table: typed()})
+    service = await bridged.start({table: typed()})
     holder = Client("holder", service.url, holds_data=True, connect_timeout=10)
     client = Client("client", service.url, connect_timeout=10)
     try:
@@ -289,21 +224,19 @@ async def test_writes_owned_by_a_holding_client_are_flushed(
         await client.close()
         await holder.close()
     assert figures(report) == [(table, 700, 0, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
 
 
 # ------------------------------------------------------------------ while it runs
 
 
 async def test_changes_made_during_a_flush_are_not_lost(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     """A writer keeps putting and deleting (keys early and late in the flush's order, new
     keys too) while a flush of 6,000 entries runs batch by batch. After a second flush the
     table holds exactly what the grid holds."""
-    table = db.name("busy")
-    service = await services.start({table: typed()}, bridge={"batch": 250})
-    grid = service.grid.map(table, Player)
+    table, service, grid = await bridged.start_typed("busy", bridge={"batch": 250})
     await grid.put_all(players(6000))
     rng = random.Random(7)
     changes = 0
@@ -334,7 +267,7 @@ async def test_changes_made_during_a_flush_are_not_lost(
     second = await service.flush()
     assert second.ok
     expected = await grid_items(service, table)
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
     assert await service.grid.bridges.journal.dirty_counts() == {}
     print(f"{changes} changes during the flush; first {first}, second {second}")
 
@@ -342,9 +275,11 @@ async def test_changes_made_during_a_flush_are_not_lost(
 # ------------------------------------------------------------------ flush options
 
 
-async def test_a_flush_of_one_map_writes_only_that_map(db: SqlDatabase, services: Services) -> None:
+async def test_a_flush_of_one_map_writes_only_that_map(
+    db: SqlDatabase, bridged: BridgedServices
+) -> None:
     first, second = db.name("first"), db.name("second")
-    service = await services.start({first: typed(), second: MapBridge(bridge="db", type=Player)})
+    service = await bridged.start({first: typed(), second: MapBridge(bridge="db", type=Player)})
     await service.grid.map(first, Player).put_all(players(7))
     await service.grid.map(second, Player).put_all(players(9))
 
@@ -357,7 +292,7 @@ async def test_a_flush_of_one_map_writes_only_that_map(db: SqlDatabase, services
         (first, 7, 0, 0, 0),
         (second, 0, 0, 0, 0),
     ]
-    assert await db.rows(first, *COLUMNS) == player_rows(players(7))
+    assert await db.rows(first, *PLAYER_COLUMNS) == player_rows(players(7))
 
 
 async def test_a_flush_of_a_map_without_a_bridge_is_a_config_error(
@@ -379,9 +314,11 @@ async def test_a_flush_of_a_map_without_a_bridge_is_a_config_error(
     assert await bare.flush() == FlushReport(maps=[], seconds=0.0)
 
 
-async def test_progress_is_reported_up_to_the_total(db: SqlDatabase, services: Services) -> None:
+async def test_progress_is_reported_up_to_the_total(
+    db: SqlDatabase, bridged: BridgedServices
+) -> None:
     table = db.name("progress")
-    service = await services.start({table: typed()}, bridge={"batch": 1000})
+    service = await bridged.start({table: typed()}, bridge={"batch": 1000})
     await service.grid.map(table, Player).put_all(players(2500))
     calls: list[tuple[str, int, int]] = []
     flushing: list[Any] = []
@@ -393,35 +330,42 @@ async def test_progress_is_reported_up_to_the_total(db: SqlDatabase, services: S
     report = await service.flush(progress=progress)
 
     assert report.written == 2500
-    assert calls == [(table, 1000, 2500), (table, 2000, 2500), (table, 2500, 2500)]
-    assert flushing == [[1000, 2500], [2000, 2500], [2500, 2500]]
+    # One call per batch as it completes (two are written at once: the batch of 500 may
+    # finish before the second of 1,000), each adding its batch, up to the total.
+    done = [0] + [count for _, count, _ in calls]
+    assert sorted(b - a for a, b in itertools.pairwise(done)) == [500, 1000, 1000]
+    assert calls[-1] == (table, 2500, 2500)
+    assert {(name, total) for name, _, total in calls} == {(table, 2500)}
+    assert flushing == [[count, 2500] for _, count, _ in calls]
     assert service.snapshot()["bridges"]["maps"][table]["flushing"] is None
 
 
 # ------------------------------------------------------------------ close
 
 
-async def test_close_flushes_and_returns_the_report(db: SqlDatabase, services: Services) -> None:
+async def test_close_flushes_and_returns_the_report(
+    db: SqlDatabase, bridged: BridgedServices
+) -> None:
     table = db.name("closing")
-    service = await services.start({table: typed()})
+    service = await bridged.start({table: typed()})
     expected = players(1500)
     await service.grid.map(table, Player).put_all(expected)
     assert await db.count(table) == 0
 
-    report = await services.close(service)
+    report = await bridged.close(service)
 
     assert report is not None and report is service.last_flush
     assert figures(report) == [(table, 1500, 0, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
 
 
 async def test_closing_a_bridged_service_twice_is_harmless(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     table = db.name("twice")
-    service = await services.start({table: typed()})
+    service = await bridged.start({table: typed()})
     await service.grid.map(table, Player).put("k", Player("k", 1))
-    first = await services.close(service)
+    first = await bridged.close(service)
     assert first is not None and first.written == 1
     second = await service.close()
     assert second is None or second.written == 0
@@ -431,16 +375,16 @@ async def test_closing_a_bridged_service_twice_is_harmless(
 
 
 async def test_an_eager_map_is_loaded_at_start(
-    db: SqlDatabase, services: Services, tmp_path: Path
+    db: SqlDatabase, bridged: BridgedServices, tmp_path: Path
 ) -> None:
     table = db.name("eager")
     expected = players(2345)
-    writer = await services.start({table: typed()})
+    writer = await bridged.start({table: typed()})
     await writer.grid.map(table, Player).put_all(expected)
-    assert (await services.close(writer)) is not None
+    assert (await bridged.close(writer)) is not None
 
     # Another data directory: an empty journal, filled from the database.
-    service = await services.start(
+    service = await bridged.start(
         {table: typed(load="eager")}, bridge={"batch": 500}, data_dir=tmp_path / "fresh"
     )
     grid = service.grid.map(table, Player)
@@ -451,13 +395,13 @@ async def test_an_eager_map_is_loaded_at_start(
     assert await service.grid.bridges.journal.dirty_counts() == {}
     assert figures(await service.flush()) == [(table, 0, 0, 0, 0)]
 
-    none = await services.start({table: typed()}, data_dir=tmp_path / "none")
+    none = await bridged.start({table: typed()}, data_dir=tmp_path / "none")
     assert await none.grid.map(table, Player).size() == 0  # load = "none": nothing
 
 
 async def test_eager_load_keeps_what_the_journal_holds_unflushed_at_a_kill(
     db: SqlDatabase,
-    services: Services,
+    bridged: BridgedServices,
     tmp_path: Path,
     processes: list[subprocess.Popen[bytes]],
 ) -> None:
@@ -468,9 +412,9 @@ async def test_eager_load_keeps_what_the_journal_holds_unflushed_at_a_kill(
     the database's stale rows; the flush then writes them."""
     table = db.name("eagerkill")
     flushed = {f"k{n}": Player("db", n) for n in range(50)}
-    first = await services.start({table: typed(load="eager")})
+    first = await bridged.start({table: typed(load="eager")})
     await first.grid.map(table, Player).put_all(flushed)
-    assert (await services.close(first)) is not None
+    assert (await bridged.close(first)) is not None
 
     config = bridge_config(
         tmp_path / "service.toml",
@@ -493,40 +437,36 @@ async def test_eager_load_keeps_what_the_journal_holds_unflushed_at_a_kill(
     serve.kill9()
     outside = {f"x{n}": Player("outside", n, n) for n in range(10)}
     await db.execute(
-        sa.insert(sa.table(table, *(sa.column(c) for c in COLUMNS))),
+        sa.insert(sa.table(table, *(sa.column(c) for c in PLAYER_COLUMNS))),
         [
             {"key": k, "name": p.name, "score": p.score, "level": p.level}
             for k, p in outside.items()
         ],
     )
-    assert await db.rows(table, *COLUMNS) == player_rows({**flushed, **outside})
+    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows({**flushed, **outside})
 
-    service = await services.start({table: typed(load="eager")})
+    service = await bridged.start({table: typed(load="eager")})
 
     expected = {k: v for k, v in flushed.items() if k not in {f"k{n}" for n in range(10, 15)}}
     expected.update(changed)
     expected.update(added)
     expected.update(outside)
     assert await grid_items(service, table) == expected
-    report = await service.flush()
-    assert figures(report) == [(table, 20, 5, 0, 0)]
-    assert await db.rows(table, *COLUMNS) == player_rows(expected)
+    await flush_writes(service, db, table, (20, 5, 0, 0), expected)
 
 
 # ------------------------------------------------------------------ interval, snapshot
 
 
 async def test_the_interval_flush_writes_without_being_asked(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
-    table = db.name("interval")
-    service = await services.start({table: typed()}, flush_interval=0.2)
-    grid = service.grid.map(table, Player)
+    table, service, grid = await bridged.start_typed("interval", flush_interval=0.2)
     expected = players(300)
     await grid.put_all(expected)
 
     async def written() -> bool:
-        return await db.rows(table, *COLUMNS) == player_rows(expected)
+        return await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
 
     await until(written, 10, "the interval flush to write 300 rows")
     expected["p00001"] = Player("later", -1, -1)
@@ -540,10 +480,10 @@ async def test_the_interval_flush_writes_without_being_asked(
 
 
 async def test_the_snapshot_shows_dirty_counts_and_the_last_flush(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     table = db.name("status")
-    service = await services.start({table: typed()})
+    service = await bridged.start({table: typed()})
     await service.grid.map(table, Player).put_all(players(40))
     await service.grid.bridges.count_dirty()
     shown = service.snapshot()["bridges"]
@@ -570,12 +510,12 @@ async def test_the_snapshot_shows_dirty_counts_and_the_last_flush(
 
 
 async def test_a_status_request_counts_dirty_entries_at_once(
-    db: SqlDatabase, services: Services
+    db: SqlDatabase, bridged: BridgedServices
 ) -> None:
     """`packetstack status` ($status) counts the dirty entries when asked: no flush needed
     (service.snapshot() and the metrics show them as last counted)."""
     table = db.name("status")
-    service = await services.start({table: typed()})
+    service = await bridged.start({table: typed()})
     await service.grid.map(table, Player).put_all(players(40))
     client = Client("operator", service.url, connect_timeout=10, request_timeout=10)
     await client.connect()

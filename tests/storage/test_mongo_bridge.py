@@ -24,11 +24,11 @@ from mongo_standin import (
     BAD_VALUE,
     DOCUMENT_TOO_LARGE,
     DOCUMENT_VALIDATION_FAILURE,
-    MONGO_URL_ENV,
     UNAUTHORIZED,
     MongoServer,
     MongoStandin,
     mongo_server,
+    require_faults,
     unique_database_name,
 )
 
@@ -114,8 +114,6 @@ class Bridge:
 def server() -> Iterator[MongoServer]:
     with mongo_server() as running:
         yield running
-        if isinstance(running, MongoStandin):
-            assert running.internal_errors == []
 
 
 @pytest.fixture
@@ -128,16 +126,6 @@ async def bridge(server: MongoServer) -> AsyncIterator[Bridge]:
             await store.close()
         if not isinstance(server, MongoStandin) or server.is_up:
             await made.drop()
-
-
-def faults(server: MongoServer) -> MongoStandin:
-    """The stand-in, for tests that make the server refuse documents or go down."""
-    if not server.supports_faults or not isinstance(server, MongoStandin):
-        pytest.skip(
-            f"fault injection needs the MongoDB stand-in, and {MONGO_URL_ENV} points at a "
-            "real mongod, which cannot be made to refuse documents or go down on request"
-        )
-    return server
 
 
 # ------------------------------------------------------------------ documents
@@ -268,7 +256,7 @@ async def test_a_document_over_16_mib_is_rejected(bridge: Bridge) -> None:
 async def test_a_document_the_server_refuses_is_rejected(
     server: MongoServer, bridge: Bridge, code: int
 ) -> None:
-    standin = faults(server)
+    standin = require_faults(server)
     store = await bridge.open(spec("readings", Reading))
     standin.reject_documents_where(lambda document: document.get("sensor") == "bad", code=code)
     batch = [
@@ -289,7 +277,7 @@ async def test_a_document_the_server_refuses_is_rejected(
 async def test_a_write_error_that_is_not_about_the_data_is_unavailable(
     server: MongoServer, bridge: Bridge
 ) -> None:
-    standin = faults(server)
+    standin = require_faults(server)
     store = await bridge.open(spec("things"))
     standin.reject_documents_where(lambda document: True, code=UNAUTHORIZED)
     with pytest.raises(BridgeUnavailable):
@@ -302,7 +290,7 @@ async def test_a_write_error_that_is_not_about_the_data_is_unavailable(
 async def test_server_down_is_unavailable_and_writes_resume_when_it_is_back(
     server: MongoServer, bridge: Bridge
 ) -> None:
-    standin = faults(server)
+    standin = require_faults(server)
     store = await bridge.open(spec("things"), connect_timeout=1.0)
     await store.write("things", [(encode("before"), encode(1))], [])
     standin.go_down()

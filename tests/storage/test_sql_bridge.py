@@ -49,31 +49,16 @@ from packetstack.errors import (
 )
 from packetstack.storage import MapBridge, MapSpec, make_store, resolve
 from packetstack.storage.sql import SQLStore
+from packetstack.testing import AllTypes, Colour, Inner
 
 PASSWORD = "s3cret"
 
 
-class Inner(msgspec.Struct):
-    name: str
-    tags: list[str]
+class Typed(AllTypes, kw_only=True):
+    """The conformance suite's value with a field of every type, and a str of bounded
+    length."""
 
-
-class Typed(msgspec.Struct, kw_only=True):
-    count: int
-    ratio: float
     code: Annotated[str, msgspec.Meta(max_length=12)]
-    text: str
-    flag: bool
-    blob: bytes
-    naive: datetime.datetime
-    aware: Annotated[datetime.datetime, msgspec.Meta(tz=True)]
-    day: datetime.date
-    clock: datetime.time
-    amount: decimal.Decimal
-    ident: uuid.UUID
-    inner: Inner
-    numbers: list[int]
-    maybe: int | None = None
 
 
 TYPED = Typed(
@@ -93,6 +78,11 @@ TYPED = Typed(
     ident=uuid.UUID("3f1c9d1e-8a4b-4c2d-9e0f-0123456789ab"),
     inner=Inner(name="n", tags=["a", "b"]),
     numbers=[1, 2, 3],
+    weights={"w": 0.5},
+    colour=Colour.RED,
+    maybe_count=None,
+    maybe_text=None,
+    maybe_day=None,
 )
 
 
@@ -208,7 +198,6 @@ COLUMN_TYPES: dict[str, dict[str, tuple[type, dict[str, Any]]]] = {
         "key": (sa.BIGINT, {}),
         "count": (sa.BIGINT, {}),
         "ratio": (postgresql.DOUBLE_PRECISION, {}),
-        "code": (sa.VARCHAR, {"length": 12}),
         "text": (sa.TEXT, {}),
         "flag": (sa.BOOLEAN, {}),
         "blob": (postgresql.BYTEA, {}),
@@ -218,15 +207,20 @@ COLUMN_TYPES: dict[str, dict[str, tuple[type, dict[str, Any]]]] = {
         "clock": (postgresql.TIME, {"timezone": False}),
         "amount": (sa.NUMERIC, {"precision": None, "scale": None}),
         "ident": (sa.UUID, {}),
-        "inner": (postgresql.JSON, {}),  # JSON (or JSONB, a subclass)
-        "numbers": (postgresql.JSON, {}),
-        "maybe": (sa.BIGINT, {}),
+        "numbers": (postgresql.JSON, {}),  # JSON (or JSONB, a subclass)
+        "weights": (postgresql.JSON, {}),
+        "inner": (postgresql.JSON, {}),
+        "colour": (postgresql.JSON, {}),
+        "maybe_count": (sa.BIGINT, {}),
+        "maybe_text": (sa.TEXT, {}),
+        "maybe_day": (sa.DATE, {}),
+        "maybe_inner": (postgresql.JSON, {}),
+        "code": (sa.VARCHAR, {"length": 12}),
     },
     "mariadb": {
         "key": (mysql.BIGINT, {}),
         "count": (mysql.BIGINT, {}),
         "ratio": (mysql.DOUBLE, {}),
-        "code": (mysql.VARCHAR, {"length": 12}),
         "text": (mysql.TEXT, {}),
         "flag": (mysql.TINYINT, {"display_width": 1}),
         "blob": (mysql.LONGBLOB, {}),
@@ -236,15 +230,20 @@ COLUMN_TYPES: dict[str, dict[str, tuple[type, dict[str, Any]]]] = {
         "clock": (mysql.TIME, {"fsp": 6}),
         "amount": (mysql.VARCHAR, {"length": 100}),
         "ident": (sa.UUID, {}),
-        "inner": (mysql.LONGTEXT, {}),  # MariaDB's JSON: LONGTEXT CHECK (json_valid(...))
-        "numbers": (mysql.LONGTEXT, {}),
-        "maybe": (mysql.BIGINT, {}),
+        "numbers": (mysql.LONGTEXT, {}),  # MariaDB's JSON: LONGTEXT CHECK (json_valid(...))
+        "weights": (mysql.LONGTEXT, {}),
+        "inner": (mysql.LONGTEXT, {}),
+        "colour": (mysql.LONGTEXT, {}),
+        "maybe_count": (mysql.BIGINT, {}),
+        "maybe_text": (mysql.TEXT, {}),
+        "maybe_day": (sa.DATE, {}),
+        "maybe_inner": (mysql.LONGTEXT, {}),
+        "code": (mysql.VARCHAR, {"length": 12}),
     },
     "sqlite": {
         "key": (sa.BIGINT, {}),
         "count": (sa.BIGINT, {}),
         "ratio": (sa.DOUBLE, {}),
-        "code": (sa.VARCHAR, {"length": 12}),
         "text": (sa.TEXT, {}),
         "flag": (sa.BOOLEAN, {}),
         "blob": (sa.BLOB, {}),
@@ -254,9 +253,15 @@ COLUMN_TYPES: dict[str, dict[str, tuple[type, dict[str, Any]]]] = {
         "clock": (sa.TIME, {}),
         "amount": (sa.VARCHAR, {"length": 100}),
         "ident": (sa.CHAR, {"length": 32}),
-        "inner": (sa.JSON, {}),
         "numbers": (sa.JSON, {}),
-        "maybe": (sa.BIGINT, {}),
+        "weights": (sa.JSON, {}),
+        "inner": (sa.JSON, {}),
+        "colour": (sa.JSON, {}),
+        "maybe_count": (sa.BIGINT, {}),
+        "maybe_text": (sa.TEXT, {}),
+        "maybe_day": (sa.DATE, {}),
+        "maybe_inner": (sa.JSON, {}),
+        "code": (sa.VARCHAR, {"length": 12}),
     },
 }
 
@@ -270,7 +275,7 @@ async def test_typed_table_columns_have_the_right_sql_types(db: Database) -> Non
     assert primary == ["key"]
     for column, (kind, attributes) in expected.items():
         expect_type(columns[column]["type"], kind, **attributes)
-        assert columns[column]["nullable"] is (column == "maybe"), column
+        assert columns[column]["nullable"] is column.startswith("maybe_"), column
     if db.kind == "mariadb":
         ((_, created),) = await fetch(db.url, f"SHOW CREATE TABLE `{name}`")
         assert "json_valid(`inner`)" in created and "json_valid(`numbers`)" in created

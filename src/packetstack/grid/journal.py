@@ -102,7 +102,12 @@ _DIRTY_PAGE = (
 )
 _NOT_REJECTED = "AND (r.gen IS NULL OR r.gen != d.gen) "
 _DIRTY_PAGE_END = "ORDER BY d.key LIMIT ?"
-_CLEAN = "DELETE FROM grid_dirty WHERE map = ? AND key = ? AND gen = ?"
+_CLEAN_RANGE = (
+    "DELETE FROM grid_dirty WHERE map = ? AND key >= ? AND key <= ? AND gen <= ? "
+    "AND NOT EXISTS (SELECT 1 FROM grid_rejected r WHERE r.map = grid_dirty.map "
+    "AND r.key = grid_dirty.key AND r.gen = grid_dirty.gen)"
+)
+_LATEST_GEN = "SELECT value FROM grid_meta WHERE key = 'dirty_gen'"
 _UNREJECT = "DELETE FROM grid_rejected WHERE map = ? AND key = ?"
 _REJECT = "INSERT OR REPLACE INTO grid_rejected (map, key, gen, error, at) VALUES (?, ?, ?, ?, ?)"
 _IS_DIRTY = "SELECT 1 FROM grid_dirty WHERE map = ? AND key = ?"
@@ -328,19 +333,21 @@ class Journal:
 
     async def dirty_page(
         self, map_name: str, after: bytes | None, limit: int, retry_rejected: bool
-    ) -> list[Dirty]:
+    ) -> tuple[list[Dirty], int]:
         """Up to ``limit`` dirty entries of a map with keys after ``after``, in key order:
-        (key, generation, value or None for a delete, whether it was set aside before).
-        Entries set aside at their current generation are left out unless
-        ``retry_rejected``. The rows come as SQLite gives them: no Python work per row on
-        the store's thread, which shares the interpreter with the event loop."""
+        (key, generation, value or None for a delete, whether it was set aside before);
+        and the latest generation so far (every later change has a greater one). Entries
+        set aside at their current generation are left out unless ``retry_rejected``. The
+        rows come as SQLite gives them: no Python work per row on the store's thread,
+        which shares the interpreter with the event loop."""
         sql = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
 
-        def read(db: sqlite3.Connection) -> list[Dirty]:
+        def read(db: sqlite3.Connection) -> tuple[list[Dirty], int]:
             fold(db, self.bridged)
             start = after if after is not None else b""
             rows: list[Dirty] = db.execute(sql, (time.time(), map_name, start, limit)).fetchall()
-            return rows
+            latest = db.execute(_LATEST_GEN).fetchone()
+            return rows, latest[0] if latest else 0
 
         return await self.store.read(read)
 
@@ -380,13 +387,17 @@ class Journal:
         return await self.store.read(read)
 
     async def cleaned(
-        self, map_name: str, written: list[tuple[bytes, int]], unreject: list[bytes]
+        self, map_name: str, first: bytes, last: bytes, latest: int, unreject: list[bytes]
     ) -> None:
-        """These (key, generation) reached the bridge: clean each still at that generation,
-        and forget the earlier refusals of the ``unreject`` keys among them."""
-        statements: list[Statement] = [(_CLEAN, [(map_name, key, gen) for key, gen in written])]
-        if unreject:
+        """The dirty entries of a page from ``first`` to ``last`` (keys) reached the bridge:
+        clean them, one range in SQLite instead of a statement per key. Within the range,
+        an entry changed since the page was read has a generation past ``latest`` and
+        stays dirty; one the page left out was set aside at its generation and stays too.
+        The earlier refusals of the ``unreject`` keys are forgotten."""
+        statements: list[Statement] = []
+        if unreject:  # first: the range leaves alone what is (still) set aside
             statements.append((_UNREJECT, [(map_name, key) for key in unreject]))
+        statements.append((_CLEAN_RANGE, (map_name, first, last, latest)))
         await self.commit(statements)
 
     async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None:

@@ -27,6 +27,8 @@ from .journal import Dirty, Journal
 log = logging.getLogger("packetstack.bridge")
 
 PAGES_AHEAD = 4  # batches per journal read
+# Batches written at once: the next one is made ready while the database takes the last.
+PARALLEL = 2
 Progress = Callable[[str, int, int], None]  # (map, entries done, entries dirty at start)
 
 
@@ -166,29 +168,52 @@ class WriteBehind:
         progress: Progress | None,
     ) -> None:
         name = bridged.spec.name
-        page_size = bridged.settings.batch * PAGES_AHEAD
+        size = bridged.settings.batch
         store = self.stores[bridged.bridge]
         self.running[name] = (0, total)
         cleaning: list[Awaitable[None]] = []
+        writing: set[asyncio.Future[int]] = set()
         done = 0
-        page = await self.journal.dirty_page(name, None, page_size, retry_rejected)
-        while page:
-            ahead = asyncio.ensure_future(
-                self.journal.dirty_page(name, page[-1][0], page_size, retry_rejected)
-            )
-            try:
-                for start in range(0, len(page), bridged.settings.batch):
-                    batch = page[start : start + bridged.settings.batch]
-                    await self._write(store, bridged, batch, result, cleaning)
-                    done += len(batch)
+
+        async def settle(at_most: int) -> None:
+            """Wait until at most ``at_most`` batches are being written."""
+            nonlocal done
+            while len(writing) > at_most:
+                finished, _ = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
+                for write in finished:
+                    writing.discard(write)
+                    done += write.result()  # BridgeUnavailable ends the map's flush
                     self.running[name] = (done, max(total, done))
                     if progress is not None:
                         progress(name, done, max(total, done))
-            except BaseException:
-                ahead.cancel()
-                await asyncio.gather(ahead, *cleaning, return_exceptions=True)
-                raise
-            page = await ahead
+
+        ahead: asyncio.Future[tuple[list[Dirty], int]] | None = None
+        try:
+            page, latest = await self.journal.dirty_page(
+                name, None, size * PAGES_AHEAD, retry_rejected
+            )
+            while page:
+                ahead = asyncio.ensure_future(
+                    self.journal.dirty_page(name, page[-1][0], size * PAGES_AHEAD, retry_rejected)
+                )
+                for start in range(0, len(page), size):
+                    batch = page[start : start + size]
+                    await settle(PARALLEL - 1)
+                    writing.add(
+                        asyncio.ensure_future(
+                            self._write(store, bridged, batch, latest, result, cleaning)
+                        )
+                    )
+                page, latest = await ahead
+            await settle(0)
+        except BaseException:
+            for pending in (ahead, *writing):
+                if pending is not None:
+                    pending.cancel()
+            await asyncio.gather(*writing, *cleaning, return_exceptions=True)
+            if ahead is not None:
+                await asyncio.gather(ahead, return_exceptions=True)
+            raise
         await asyncio.gather(*cleaning)
 
     async def _write(
@@ -196,9 +221,12 @@ class WriteBehind:
         store: Store,
         bridged: Bridged,
         batch: list[Dirty],
+        latest: int,
         result: MapFlush,
         cleaning: list[Awaitable[None]],
-    ) -> None:
+    ) -> int:
+        """Write a batch (or, refused, its halves down to the entries at fault); how many
+        entries it took care of."""
         upserts: list[Entry] = [(key, value) for key, _, value, _ in batch if value is not None]
         deletes = [key for key, _, value, _ in batch if value is None]
         name = bridged.spec.name
@@ -212,21 +240,21 @@ class WriteBehind:
                 result.set_aside += 1
                 log.warning("flush of map %s: entry set aside: %s", name, exc)
                 await self.journal.set_aside(name, key, gen, str(exc))
-                return
+                return 1
             half = len(batch) // 2
-            await self._write(store, bridged, batch[:half], result, cleaning)
-            await self._write(store, bridged, batch[half:], result, cleaning)
-            return
+            return await self._write(
+                store, bridged, batch[:half], latest, result, cleaning
+            ) + await self._write(store, bridged, batch[half:], latest, result, cleaning)
         result.written += len(upserts)
         result.deleted += len(deletes)
         # Cleaning commits in the store's next group commit; the flush goes on meanwhile.
+        unreject = [key for key, _, _, aside in batch if aside]
         cleaning.append(
             asyncio.ensure_future(
-                self.journal.cleaned(
-                    name, [(k, g) for k, g, _, _ in batch], [k for k, _, _, aside in batch if aside]
-                )
+                self.journal.cleaned(name, batch[0][0], batch[-1][0], latest, unreject)
             )
         )
+        return len(batch)
 
     async def retrying(
         self, bridge: str, settings: BridgeSettings, attempt: Callable[[], Awaitable[None]]

@@ -79,8 +79,7 @@ class SQLStore:
                 "(postgresql+asyncpg, mysql+asyncmy or mariadb+asyncmy, sqlite+aiosqlite)"
             )
         self._engine: AsyncEngine | None = self._create_engine()  # connects on first use
-        self._writer: AsyncConnection | None = None  # held between the batches of flushes
-        self._writing = asyncio.Lock()
+        self._writers: list[AsyncConnection] = []  # idle, held between flush batches
         self._maps: dict[str, _Table] = {}
 
     def _create_engine(self) -> AsyncEngine:
@@ -126,10 +125,9 @@ class SQLStore:
             raise _classified(exc, f"bridge {self.name!r} ({self.shown_url})", limit) from exc
 
     async def close(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            with contextlib.suppress(Exception):  # a database gone by now cannot say goodbye
-                await writer.close()
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            await _discard(writer)
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -151,34 +149,30 @@ class SQLStore:
         keys = table.codec.delete_keys(deletes)
         assert self._engine is not None, "open() the bridge first"
         limit = self.settings.timeout
-        async with self._writing:
-            try:
-                async with asyncio.timeout(limit):
-                    # One connection for the flush's batches: a checkout from the pool would
-                    # cost a ping, a round trip per batch.
-                    if self._writer is None:
-                        self._writer = await self._engine.connect()
-                    async with self._writer.begin():
-                        if rows:
-                            # Straight to the driver's executemany: the rows are already what
-                            # the driver takes (see Column.to_db); SQLAlchemy's per-row
-                            # processing would cost more than the rest of a flush together.
-                            await self._writer.exec_driver_sql(table.upsert_sql, rows)
-                        if keys:
-                            await self._writer.execute(table.delete_where(keys))
-            except Exception as exc:
-                error = _classified(exc, f"writing map {map_name!r} to bridge {self.name!r}", limit)
-                if not isinstance(error, BridgeRejected):  # the connection's state is unknown
-                    await self._drop_writer()
-                raise error from exc
-
-    async def _drop_writer(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                await writer.invalidate()
-            with contextlib.suppress(Exception):
-                await writer.close()
+        # Connections kept between the batches of flushes (a checkout from the pool would
+        # cost a ping, a round trip per batch), one per batch being written at once.
+        writer = self._writers.pop() if self._writers else None
+        try:
+            async with asyncio.timeout(limit):
+                if writer is None:
+                    writer = await self._engine.connect()
+                async with writer.begin():
+                    if rows:
+                        # Straight to the driver's executemany: the rows are already what the
+                        # driver takes (see Column.to_db); SQLAlchemy's per-row processing
+                        # would cost more than the rest of a flush together.
+                        await writer.exec_driver_sql(table.upsert_sql, rows)
+                    if keys:
+                        await writer.execute(table.delete_where(keys))
+        except Exception as exc:
+            error = _classified(exc, f"writing map {map_name!r} to bridge {self.name!r}", limit)
+            if writer is not None:
+                if isinstance(error, BridgeRejected):  # rolled back: the connection is fine
+                    self._writers.append(writer)
+                else:  # its state is unknown
+                    await _discard(writer)
+            raise error from exc
+        self._writers.append(writer)
 
     async def load(self, map_name: str, key: bytes) -> bytes | None:
         return (await self.load_many(map_name, [key])).get(key)
@@ -335,6 +329,14 @@ class _Table:
 # MySQL/MariaDB errors about the data itself: too long, out of range, wrong value, NULL,
 # duplicate or foreign key, invalid JSON, a failed CHECK.
 _MYSQL_DATA_ERRORS = frozenset({1048, 1062, 1264, 1292, 1366, 1406, 1452, 3140, 3819, 4025})
+
+
+async def _discard(connection: AsyncConnection) -> None:
+    """Close a connection whose state is unknown (a database gone by now cannot answer)."""
+    with contextlib.suppress(Exception):
+        await connection.invalidate()
+    with contextlib.suppress(Exception):
+        await connection.close()
 
 
 def _refused_data(exc: BaseException) -> bool:
