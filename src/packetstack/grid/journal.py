@@ -102,6 +102,13 @@ _DIRTY_PAGE = (
 )
 _NOT_REJECTED = "AND (r.gen IS NULL OR r.gen != d.gen) "
 _DIRTY_PAGE_END = "ORDER BY d.key LIMIT ?"
+_DIRTY_PAGE_CLEAN = (  # _DIRTY_PAGE for a map with no entry set aside
+    "SELECT d.key, d.gen, CASE WHEN g.expires > 0 AND g.expires <= ? THEN NULL "
+    "ELSE g.value END, 0 FROM grid_dirty d "
+    "LEFT JOIN grid g ON g.part = d.part AND g.map = d.map AND g.key = d.key "
+    "WHERE d.map = ? AND d.key > ? " + _DIRTY_PAGE_END
+)
+_ANY_REJECTED = "SELECT 1 FROM grid_rejected WHERE map = ? LIMIT 1"
 _CLEAN_RANGE = (
     "DELETE FROM grid_dirty WHERE map = ? AND key >= ? AND key <= ? AND gen <= ? "
     "AND NOT EXISTS (SELECT 1 FROM grid_rejected r WHERE r.map = grid_dirty.map "
@@ -340,11 +347,14 @@ class Journal:
         set aside at their current generation are left out unless ``retry_rejected``. The
         rows come as SQLite gives them: no Python work per row on the store's thread,
         which shares the interpreter with the event loop."""
-        sql = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
+        with_rejected = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
 
         def read(db: sqlite3.Connection) -> tuple[list[Dirty], int]:
             fold(db, self.bridged)
             start = after if after is not None else b""
+            # The join with grid_rejected costs a lookup per row: only when the map has any.
+            rejected = db.execute(_ANY_REJECTED, (map_name,)).fetchone() is not None
+            sql = with_rejected if rejected else _DIRTY_PAGE_CLEAN
             rows: list[Dirty] = db.execute(sql, (time.time(), map_name, start, limit)).fetchall()
             latest = db.execute(_LATEST_GEN).fetchone()
             return rows, latest[0] if latest else 0

@@ -8,9 +8,10 @@ the other for one map, using the map's value type when it is configured.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -21,6 +22,8 @@ Load = Literal["none", "eager", "lazy"]
 Mode = Literal["document", "typed"]
 KeyKind = Literal["str", "int", "bytes", "tuple"]
 Entry = tuple[bytes, bytes]  # (encoded key, encoded value), as the grid holds them
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class MapBridge(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -118,6 +121,21 @@ _KEY_DECODERS: dict[str, Callable[[bytes], Any]] = {
     "bytes": msgspec.msgpack.Decoder(bytes).decode,
     "tuple": msgspec.msgpack.Decoder(list).decode,
 }
+
+
+# Entries converted between two chances for the event loop to serve traffic: a batch is
+# converted in slices, so a packet that arrives meanwhile waits for one slice, not a batch.
+SLICE = 100
+
+
+async def converted(items: Sequence[T], convert: Callable[[T], R]) -> list[R]:
+    """``[convert(item) for item in items]``, yielding to the event loop every SLICE."""
+    out: list[R] = []
+    for start in range(0, len(items), SLICE):
+        if start:
+            await asyncio.sleep(0)
+        out.extend(convert(item) for item in items[start : start + SLICE])
+    return out
 
 
 def json_text(value: Any) -> str:

@@ -13,13 +13,14 @@ milliseconds), and the map's type reads them back.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
 
 from ..codec import _hooks
 from ..errors import BridgeRejected, BridgeUnavailable, ConfigError
-from .bridge import BridgeSettings, Entry, EntryCodec, MapSpec
+from .bridge import BridgeSettings, Entry, EntryCodec, MapSpec, converted
 
 try:
     from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
@@ -96,9 +97,7 @@ class MongoStore:
     ) -> None:
         codec, collection = self._collection(map_name)
         requests: list[ReplaceOne[dict[str, Any]] | DeleteOne] = []
-        for key, value in upserts:
-            _id = codec.key(key)
-            requests.append(ReplaceOne({"_id": _id}, _document(codec, _id, value), upsert=True))
+        requests.extend(await converted(upserts, partial(_replace, codec)))
         requests.extend(DeleteOne({"_id": key}) for key in codec.delete_keys(deletes))
         if not requests:
             return
@@ -152,6 +151,12 @@ class MongoStore:
             raise _unavailable(exc, f"reading map {map_name!r} from bridge {self.name!r}") from exc
         if page:
             yield page
+
+
+def _replace(codec: EntryCodec, entry: Entry) -> ReplaceOne[dict[str, Any]]:
+    key, value = entry
+    _id = codec.key(key)
+    return ReplaceOne({"_id": _id}, _document(codec, _id, value), upsert=True)
 
 
 def _document(codec: EntryCodec, _id: Any, value: bytes) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Union, get_args, get_origin
 import msgspec
 
 from ..errors import BridgeRejected, BridgeSchemaError, BridgeUnavailable, ConfigError
-from .bridge import BridgeSettings, Entry, EntryCodec, MapSpec, json_text
+from .bridge import BridgeSettings, Entry, EntryCodec, MapSpec, converted, json_text
 
 try:
     import sqlalchemy as sa
@@ -39,6 +39,7 @@ except ImportError as missing:  # pragma: no cover - depends on the installed ex
 log = logging.getLogger("packetstack.bridge")
 
 _UTC = datetime.UTC
+DRIVER_SLICE = 250  # rows per executemany
 Convert = Callable[[Any], Any]
 
 
@@ -145,7 +146,7 @@ class SQLStore:
         self, map_name: str, upserts: Sequence[Entry], deletes: Sequence[bytes]
     ) -> None:
         table = self._table(map_name)
-        rows = [table.row(key, value) for key, value in upserts]
+        rows = await converted(upserts, table.row)
         keys = table.codec.delete_keys(deletes)
         assert self._engine is not None, "open() the bridge first"
         limit = self.settings.timeout
@@ -157,11 +158,14 @@ class SQLStore:
                 if writer is None:
                     writer = await self._engine.connect()
                 async with writer.begin():
-                    if rows:
-                        # Straight to the driver's executemany: the rows are already what the
-                        # driver takes (see Column.to_db); SQLAlchemy's per-row processing
-                        # would cost more than the rest of a flush together.
-                        await writer.exec_driver_sql(table.upsert_sql, rows)
+                    # Straight to the driver's executemany: the rows are already what the
+                    # driver takes (see Column.to_db); SQLAlchemy's per-row processing would
+                    # cost more than the rest of a flush together. In slices: a driver builds
+                    # its whole statement at once, and the event loop waits meanwhile.
+                    for start in range(0, len(rows), DRIVER_SLICE):
+                        await writer.exec_driver_sql(
+                            table.upsert_sql, rows[start : start + DRIVER_SLICE]
+                        )
                     if keys:
                         await writer.execute(table.delete_where(keys))
         except Exception as exc:
@@ -271,11 +275,15 @@ class _Table:
     def delete_where(self, keys: list[Any]) -> sa.Delete:
         return sa.delete(self.table).where(self.key_column.in_(keys))
 
-    def row(self, key: bytes, value: bytes) -> tuple[Any, ...]:
+    def row(self, entry: Entry) -> tuple[Any, ...]:
         """The driver's parameters for one upsert: the key, then each column's value."""
+        key, value = entry
         if self.spec.mode == "document":
             return (self.codec.key(key), self.codec.json(value))
-        row = [self.codec.key(key), *msgspec.structs.astuple(self.codec.value(value))]
+        fields = msgspec.structs.astuple(self.codec.value(value))
+        if not self._conversions:  # every field as the driver takes it: the common case
+            return (self.codec.key(key), *fields)
+        row = [self.codec.key(key), *fields]
         for index, to_db in self._conversions:
             field = row[index]
             if field is not None:
