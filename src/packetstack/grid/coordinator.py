@@ -320,12 +320,15 @@ class Coordinator:
         waits (with every later op on that key) for the load."""
         op = unit.op
         lazy = self.lazy.get(op.map)
-        if lazy is None or lazy.settled(op):
+        if lazy is None:
             self._route(unit)
             return
         waiting = self._loading.get((op.map, op.key))
-        if waiting is not None:
+        if waiting is not None:  # any op on a key being loaded, a put too, keeps its turn
             waiting.append(unit)
+            return
+        if lazy.settled(op):
+            self._route(unit)
             return
         self._loading[(op.map, op.key)] = [unit]
         if not self._to_load:
@@ -351,17 +354,18 @@ class Coordinator:
             return
         lazy = self.lazy[map_name]
         loads = []
+        waiting = []
         for key in keys:
             value = found.get(key)
             lazy.loaded(key, value is not None)
             if value is not None:
                 part = partition_of(key, self.partition_count)
                 loads.append(Op(map_name, part, Kind.LOAD, key, value))
+            waiting.extend(self._loading.pop((map_name, key)))  # the key is settled now
         self.loads += len(loads)
         self.submit(loads, _ignore, sum(len(op.value or b"") for op in loads))
-        for key in keys:  # after the loads, in the order they came
-            for unit in self._loading.pop((map_name, key)):
-                self._admit(unit)
+        for unit in waiting:  # after the loads, in the order they came
+            self._admit(unit)
         self._schedule_flush()
 
     def _route(self, unit: Unit) -> None:

@@ -178,6 +178,7 @@ def fold(db: sqlite3.Connection, bridged: AbstractSet[str] = frozenset()) -> int
     try:
         count = 0
         clears: list[Op] = []
+        cleared: list[Op] = []  # changes a later clear undid before they reached grid
         latest: dict[tuple[int, str, bytes], Op] = {}  # only a key's last change is written
         for _, blob in batches:
             effects = _effects_decoder.decode(blob)
@@ -185,15 +186,14 @@ def fold(db: sqlite3.Connection, bridged: AbstractSet[str] = frozenset()) -> int
             for op in effects:
                 if op.kind == Kind.CLEAR:
                     # Clears run first, so what they clear must not be written after them.
-                    cleared = [k for k in latest if k[0] == op.part and k[1] == op.map]
-                    for key in cleared:
-                        del latest[key]
+                    undone = [k for k in latest if k[0] == op.part and k[1] == op.map]
+                    cleared.extend(latest.pop(key) for key in undone)
                     clears.append(op)
                 else:
                     latest[(op.part, op.map, op.key)] = op
         changes = list(latest.values())
         if bridged:
-            _mark_dirty(db, bridged, clears, changes)
+            _mark_dirty(db, bridged, clears, changes, cleared)
         for sql, params in statements(clears + changes):  # type: ignore[misc]
             db.executemany(sql, params)
         db.execute("DELETE FROM grid_log WHERE id <= ?", (batches[-1][0],))
@@ -207,16 +207,25 @@ def fold(db: sqlite3.Connection, bridged: AbstractSet[str] = frozenset()) -> int
 
 
 def _mark_dirty(
-    db: sqlite3.Connection, bridged: AbstractSet[str], clears: list[Op], changes: list[Op]
+    db: sqlite3.Connection,
+    bridged: AbstractSet[str],
+    clears: list[Op],
+    changes: list[Op],
+    cleared: list[Op],
 ) -> None:
+    """Mark dirty what a fold changes in bridged maps: the entries a clear removes from
+    grid, those it removed before they reached grid (``cleared``: a put or a load in the
+    same fold, whose database row, if any, must go too), and the latest changes (but loads:
+    their value is the database's)."""
     clears = [op for op in clears if op.map in bridged]
-    changes = [op for op in changes if op.map in bridged and op.kind != Kind.LOAD]
-    if not (clears or changes):
+    marked = [op for op in changes if op.map in bridged and op.kind != Kind.LOAD]
+    marked.extend(op for op in cleared if op.map in bridged)
+    if not (clears or marked):
         return
     gen = db.execute(_NEXT_GEN).fetchone()[0]
     for op in clears:  # while grid still holds what they clear
         db.execute(_DIRTY_CLEARED, (gen, op.part, op.map))
-    db.executemany(_DIRTY, [(op.map, op.key, op.part, gen) for op in changes])
+    db.executemany(_DIRTY, [(op.map, op.key, op.part, gen) for op in marked])
 
 
 class Journal:
