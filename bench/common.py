@@ -452,6 +452,11 @@ def latency_summary(latencies: list[float]) -> dict[str, float | None]:
     }
 
 
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """``value`` formatted for a table: ``-`` when it was not measured."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
 def median(values: list[float]) -> float | None:
     clean = sorted(v for v in values if v is not None and not math.isnan(v))
     if not clean:

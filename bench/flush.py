@@ -49,7 +49,7 @@ from typing import Any
 
 import msgspec
 
-from .common import latency_summary, median, perf_counter, run_loop, spawn_logged
+from .common import fmt, latency_summary, median, perf_counter, run_loop, spawn_logged
 from .flush_probe import read_samples
 
 DESCRIPTION = (
@@ -721,10 +721,6 @@ def errors(flush: dict[str, Any]) -> list[str]:
         for r in data["runs"]
         if r.get("error")
     ]
-
-
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def _rate_cells(row: dict[str, Any]) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from .common import (
     Placement,
     Plan,
     find_pid,
+    fmt,
     grid_hub,
     hub_dir,
     machine_info,
@@ -712,10 +713,6 @@ def _grouped(names: Sequence[str]) -> list[str]:
     return out + [s for s in OWN_SCENARIOS if s in names]
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
 Cells = tuple[str, ...]
 
 
@@ -768,11 +765,11 @@ def format_table(report: dict[str, Any]) -> str:
         (
             row["scenario"],
             row["system"],
-            _fmt(row["rate"], ",.0f"),
-            _fmt(row["p50_us"], ",.1f"),
-            _fmt(row["p99_us"], ",.1f"),
-            _fmt(row["ratio_vs_raw"], ".2f", "x"),
-            _fmt(row["ratio_vs_nats"], ".2f", "x"),
+            fmt(row["rate"], ",.0f"),
+            fmt(row["p50_us"], ",.1f"),
+            fmt(row["p99_us"], ",.1f"),
+            fmt(row["ratio_vs_raw"], ".2f", "x"),
+            fmt(row["ratio_vs_nats"], ".2f", "x"),
         )
         for row in _rows(report, "messaging")
     ]
@@ -794,11 +791,11 @@ def format_backlog(report: dict[str, Any]) -> str:
         (
             row["scenario"],
             row["system"],
-            _fmt(row["rate"], ",.0f"),
-            _fmt(row["accept_rate"], ",.0f"),
-            _fmt(row["lost_max"], ",d"),
-            _fmt(row["ratio_vs_mosquitto"], ".2f", "x"),
-            _fmt(row["ratio_vs_jetstream"], ".2f", "x"),
+            fmt(row["rate"], ",.0f"),
+            fmt(row["accept_rate"], ",.0f"),
+            fmt(row["lost_max"], ",d"),
+            fmt(row["ratio_vs_mosquitto"], ".2f", "x"),
+            fmt(row["ratio_vs_jetstream"], ".2f", "x"),
         )
         for row in _rows(report, "durable")
     ]
@@ -812,11 +809,11 @@ def format_data_grid(report: dict[str, Any]) -> str:
         (
             row["scenario"],
             row["system"],
-            _fmt(row["rate"], ",.0f"),
-            _fmt(row["p50_us"], ",.1f"),
-            _fmt(row["p99_us"], ",.1f"),
-            _fmt(row["ratio_vs_redis"], ".2f", "x"),
-            _fmt(row.get("p50_ratio_vs_redis"), ".2f", "x"),
+            fmt(row["rate"], ",.0f"),
+            fmt(row["p50_us"], ",.1f"),
+            fmt(row["p99_us"], ",.1f"),
+            fmt(row["ratio_vs_redis"], ".2f", "x"),
+            fmt(row.get("p50_ratio_vs_redis"), ".2f", "x"),
         )
         for row in _rows(report, "grid")
     ]
@@ -837,15 +834,15 @@ def format_cpu(report: dict[str, Any]) -> str:
             row: Cells = (
                 scenario,
                 system,
-                _fmt(med.get("client_cpu_us_per_msg"), ".2f"),
-                _fmt(med.get("hub_cpu_us_per_msg"), ".2f"),
-                _fmt(med.get("client_cpu_pct"), ".0f", "%"),
-                _fmt(med.get("hub_cpu_pct"), ".0f", "%"),
+                fmt(med.get("client_cpu_us_per_msg"), ".2f"),
+                fmt(med.get("hub_cpu_us_per_msg"), ".2f"),
+                fmt(med.get("client_cpu_pct"), ".0f", "%"),
+                fmt(med.get("hub_cpu_pct"), ".0f", "%"),
             )
             if holders:
                 row += (
-                    _fmt(med.get("holder_cpu_us_per_msg"), ".2f"),
-                    _fmt(med.get("holder_cpu_pct"), ".0f", "%"),
+                    fmt(med.get("holder_cpu_us_per_msg"), ".2f"),
+                    fmt(med.get("holder_cpu_pct"), ".0f", "%"),
                 )
             rows.append(row)
     lines = _grid(head, rows, rule=False)

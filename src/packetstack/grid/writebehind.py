@@ -70,6 +70,10 @@ class FlushReport(msgspec.Struct, kw_only=True):
         return sum(m.failed for m in self.maps)
 
     @property
+    def still_set_aside(self) -> int:
+        return sum(m.still_set_aside for m in self.maps)
+
+    @property
     def ok(self) -> bool:
         """Everything dirty reached its database: none failed, none is set aside (in this
         flush or an earlier one)."""

@@ -223,10 +223,10 @@ class ServiceBridges:
 
 
 def summary(report: FlushReport) -> str:
-    set_aside = sum(m.still_set_aside for m in report.maps)
     text = (
         f"{report.written} written, {report.deleted} deleted, {report.set_aside} set aside "
-        f"({set_aside} in all), {report.failed} still dirty, in {report.seconds:.1f} s"
+        f"({report.still_set_aside} in all), {report.failed} still dirty, "
+        f"in {report.seconds:.1f} s"
     )
     errors = {m.error for m in report.maps if m.error}
     return text + ("" if not errors else " (" + "; ".join(sorted(errors)) + ")")
