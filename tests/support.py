@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -868,3 +869,23 @@ async def flush_writes(
     report = await service.flush()
     assert figures(report) == [(table, *counts)]
     assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(expected)
+
+
+async def sigterm(serve: ServiceProcess) -> str:
+    """SIGTERM the service; it exits 0 (after its flush); its log."""
+    assert serve.proc is not None
+    serve.proc.send_signal(signal.SIGTERM)
+    code = await exited(serve.proc, 60, "the service to flush and exit after SIGTERM")
+    assert code == 0, serve.log()
+    return serve.log()
+
+
+def closing_figures(log: str) -> tuple[int, int, int, int]:
+    """From the log's "flush on close: ..." line: (written, deleted, set aside, still dirty)."""
+    found = re.findall(
+        r"flush on close: (\d+) written, (\d+) deleted, (\d+) set aside[^,]*, (\d+) still dirty",
+        log,
+    )
+    assert len(found) == 1, log
+    written, deleted, set_aside, dirty = (int(n) for n in found[0])
+    return written, deleted, set_aside, dirty

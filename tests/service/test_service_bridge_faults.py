@@ -9,8 +9,6 @@ SIGTERM of `packetstack serve` waits for the flush before it exits."""
 from __future__ import annotations
 
 import json
-import re
-import signal
 import subprocess
 import textwrap
 from collections.abc import AsyncIterator
@@ -28,11 +26,13 @@ from support import (
     SqlDatabase,
     bridge_config,
     bridge_service,
+    closing_figures,
     exited,
     figures,
     flush_writes,
     grid_items,
     player_rows,
+    sigterm,
     spawn_script,
     typed,
     until,
@@ -220,13 +220,20 @@ async def test_a_database_lost_during_a_flush_loses_nothing(
     report = await service.flush(progress=cut_after_the_first_batch)
 
     (flushed,) = report.maps
-    assert (flushed.written, flushed.set_aside, flushed.failed) == (100, 0, 900)
+    # Two batches are written at once: the one beside the first may have gone in too.
+    written = flushed.written
+    assert written in (100, 200)
+    assert (flushed.set_aside, flushed.failed) == (0, 1000 - written)
     assert "gave up after 2 attempts" in flushed.error
-    assert await db.rows(table, *PLAYER_COLUMNS) == player_rows(dict(list(expected.items())[:100]))
-    assert await service.grid.bridges.journal.dirty_counts() == {table: (900, 0)}
+    stored = await db.rows(table, *PLAYER_COLUMNS)
+    # A batch whose commit went through but whose answer the cut lost is not counted as
+    # written: it stays dirty and is written again (an upsert: the same row).
+    assert written <= len(stored) <= 200
+    assert set(stored) <= set(player_rows(expected))  # each one exactly as put
+    assert await service.grid.bridges.journal.dirty_counts() == {table: (1000 - written, 0)}
 
     await proxy.up()
-    await flush_writes(service, db, table, (900, 0, 0, 0), expected)
+    await flush_writes(service, db, table, (1000 - written, 0, 0, 0), expected)
 
 
 @pytest.mark.parametrize("db", SERVERS, indirect=True)
@@ -342,26 +349,6 @@ async def write_acknowledged(serve: ServiceProcess, table: str) -> dict[str, Pla
     finally:
         await client.close()
     return expected
-
-
-async def sigterm(serve: ServiceProcess) -> str:
-    """SIGTERM the service; it exits 0 (after its flush); its log."""
-    assert serve.proc is not None
-    serve.proc.send_signal(signal.SIGTERM)
-    code = await exited(serve.proc, 60, "the service to flush and exit after SIGTERM")
-    assert code == 0, serve.log()
-    return serve.log()
-
-
-def closing_figures(log: str) -> tuple[int, int, int, int]:
-    """From the log's "flush on close: ..." line: (written, deleted, set aside, still dirty)."""
-    found = re.findall(
-        r"flush on close: (\d+) written, (\d+) deleted, (\d+) set aside[^,]*, (\d+) still dirty",
-        log,
-    )
-    assert len(found) == 1, log
-    written, deleted, set_aside, dirty = (int(n) for n in found[0])
-    return written, deleted, set_aside, dirty
 
 
 @pytest.mark.parametrize("db", ALL, indirect=True)

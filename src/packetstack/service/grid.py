@@ -69,10 +69,10 @@ class ServiceGrid(GridFront):
         self._install()
 
     async def open(self) -> None:
-        await self.bridges.open()
         try:
+            await self.bridges.open()
             await self.coordinator.open(self.bridges.preload)
-        except BaseException:
+        except BaseException:  # the bridges opened so far, an eager one failing after them
             await self.bridges.close_stores()
             raise
 

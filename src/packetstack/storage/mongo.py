@@ -80,6 +80,7 @@ class MongoStore:
         try:
             await self._client.admin.command("ping")
         except PyMongoError as exc:
+            await self.close()  # the next open() makes a new client: none left behind
             raise BridgeUnavailable(f"bridge {self.name!r}: {_short(exc)}") from exc
 
     async def close(self) -> None:
