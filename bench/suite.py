@@ -750,74 +750,67 @@ def _rows(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [r for r in report["table"] if table_kind(r["scenario"]) == kind]
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The messaging scenarios (one-way, request/reply): rates, latencies, ratios."""
-    head = (
-        "scenario",
-        "system",
-        "rate (msg/s)",
-        "p50 µs",
-        "p99 µs",
-        "ratio vs raw",
-        "ratio vs nats",
-    )
+# A figure column: its heading, the row's key, the format spec and a suffix.
+Column = tuple[str, str, str, str]
+
+
+def _figures(report: dict[str, Any], kind: str, columns: Sequence[Column]) -> str:
+    """The rows of one kind of table: scenario, system, then ``columns``."""
+    head = ("scenario", "system", *(heading for heading, _, _, _ in columns))
     rows = [
         (
             row["scenario"],
             row["system"],
-            fmt(row["rate"], ",.0f"),
-            fmt(row["p50_us"], ",.1f"),
-            fmt(row["p99_us"], ",.1f"),
-            fmt(row["ratio_vs_raw"], ".2f", "x"),
-            fmt(row["ratio_vs_nats"], ".2f", "x"),
+            *(fmt(row.get(key), spec, suffix) for _, key, spec, suffix in columns),
         )
-        for row in _rows(report, "messaging")
+        for row in _rows(report, kind)
     ]
     return "\n".join(_grid(head, rows))
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The messaging scenarios (one-way, request/reply): rates, latencies, ratios."""
+    return _figures(
+        report,
+        "messaging",
+        [
+            ("rate (msg/s)", "rate", ",.0f", ""),
+            ("p50 µs", "p50_us", ",.1f", ""),
+            ("p99 µs", "p99_us", ",.1f", ""),
+            ("ratio vs raw", "ratio_vs_raw", ".2f", "x"),
+            ("ratio vs nats", "ratio_vs_nats", ".2f", "x"),
+        ],
+    )
 
 
 def format_backlog(report: dict[str, Any]) -> str:
     """The durable scenarios: replay rate, accept (publish-acknowledged) rate, losses."""
-    head = (
-        "scenario",
-        "system",
-        "replay (msg/s)",
-        "accepted (msg/s)",
-        "lost (worst run)",
-        "replay vs mosquitto",
-        "vs jetstream",
+    return _figures(
+        report,
+        "durable",
+        [
+            ("replay (msg/s)", "rate", ",.0f", ""),
+            ("accepted (msg/s)", "accept_rate", ",.0f", ""),
+            ("lost (worst run)", "lost_max", ",d", ""),
+            ("replay vs mosquitto", "ratio_vs_mosquitto", ".2f", "x"),
+            ("vs jetstream", "ratio_vs_jetstream", ".2f", "x"),
+        ],
     )
-    rows = [
-        (
-            row["scenario"],
-            row["system"],
-            fmt(row["rate"], ",.0f"),
-            fmt(row["accept_rate"], ",.0f"),
-            fmt(row["lost_max"], ",d"),
-            fmt(row["ratio_vs_mosquitto"], ".2f", "x"),
-            fmt(row["ratio_vs_jetstream"], ".2f", "x"),
-        )
-        for row in _rows(report, "durable")
-    ]
-    return "\n".join(_grid(head, rows))
 
 
 def format_data_grid(report: dict[str, Any]) -> str:
     """The data grid scenarios: operations per second, latencies, ratios against redis-py."""
-    head = ("scenario", "system", "rate (ops/s)", "p50 µs", "p99 µs", "vs redis", "p50 vs redis")
-    rows = [
-        (
-            row["scenario"],
-            row["system"],
-            fmt(row["rate"], ",.0f"),
-            fmt(row["p50_us"], ",.1f"),
-            fmt(row["p99_us"], ",.1f"),
-            fmt(row["ratio_vs_redis"], ".2f", "x"),
-            fmt(row.get("p50_ratio_vs_redis"), ".2f", "x"),
-        )
-        for row in _rows(report, "grid")
-    ]
-    return "\n".join(_grid(head, rows))
+    return _figures(
+        report,
+        "grid",
+        [
+            ("rate (ops/s)", "rate", ",.0f", ""),
+            ("p50 µs", "p50_us", ",.1f", ""),
+            ("p99 µs", "p99_us", ",.1f", ""),
+            ("vs redis", "ratio_vs_redis", ".2f", "x"),
+            ("p50 vs redis", "p50_ratio_vs_redis", ".2f", "x"),
+        ],
+    )
 
 
 def format_cpu(report: dict[str, Any]) -> str:
