@@ -185,7 +185,7 @@ class SQLStore:
         table = self._table(map_name)
         wanted = [table.codec.key(key) for key in keys]
         query = sa.select(*table.columns).where(table.key_column.in_(wanted))
-        return dict(await self._rows(table, query, map_name))
+        return dict(table.entry(row) for row in await self._raw_rows(query, map_name))
 
     async def iterate(self, map_name: str, batch: int = 1000) -> AsyncIterator[list[Entry]]:
         """Every row in key order, ``batch`` rows per query (keyset pagination: no long
@@ -202,9 +202,6 @@ class SQLStore:
             yield [table.entry(row) for row in raw]
             if len(raw) < batch:
                 return
-
-    async def _rows(self, table: _Table, query: sa.Select[Any], map_name: str) -> list[Entry]:
-        return [table.entry(row) for row in await self._raw_rows(query, map_name)]
 
     async def _raw_rows(self, query: sa.Select[Any], map_name: str) -> Sequence[sa.Row[Any]]:
         assert self._engine is not None, "open() the bridge first"
