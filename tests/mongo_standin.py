@@ -24,6 +24,7 @@ Typical use::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import itertools
@@ -159,6 +160,26 @@ class RealMongo:
 
     def close(self) -> None:
         self._client.close()
+
+
+class OwnDatabase:
+    """A test's own database on ``server``, read beside the code under test and dropped at
+    the end."""
+
+    def __init__(self, server: MongoServer, prefix: str = "packetstack_test") -> None:
+        self.server = server
+        self.database = unique_database_name(prefix)
+
+    def collection(self, name: str) -> Collection[dict[str, Any]]:
+        return self.server.collection(self.database, name)
+
+    def documents(self, name: str) -> dict[Any, dict[str, Any]]:
+        """What collection ``name`` holds, by _id (read between the writes under test)."""
+        return {document["_id"]: dict(document) for document in self.collection(name).find({})}
+
+    async def drop(self) -> None:
+        client = self.collection("any").database.client
+        await asyncio.to_thread(client.drop_database, self.database)
 
 
 @contextlib.contextmanager

@@ -889,3 +889,16 @@ def closing_figures(log: str) -> tuple[int, int, int, int]:
     assert len(found) == 1, log
     written, deleted, set_aside, dirty = (int(n) for n in found[0])
     return written, deleted, set_aside, dirty
+
+
+async def write_acknowledged(grid: Map[str, Player], expected: dict[str, Player]) -> None:
+    """Put ``expected`` (keys p00000 up), update 200 of them and delete the last 100, each
+    acknowledged; ``expected`` is left holding what the map holds."""
+    await grid.put_all(expected)
+    for n in range(0, 400, 2):
+        key = f"p{n:05d}"
+        expected[key] = Player("upd", -n, n)
+        await grid.put(key, expected[key])
+    for n in range(len(expected) - 100, len(expected)):
+        assert await grid.delete(f"p{n:05d}")
+        del expected[f"p{n:05d}"]

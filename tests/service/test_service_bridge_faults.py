@@ -37,6 +37,7 @@ from support import (
     typed,
     until,
     wait_until,
+    write_acknowledged,
 )
 
 from packetstack import Client
@@ -332,20 +333,12 @@ async def writer(serve: ServiceProcess) -> Client:
     return client
 
 
-async def write_acknowledged(serve: ServiceProcess, table: str) -> dict[str, Player]:
+async def acknowledged(serve: ServiceProcess, table: str) -> dict[str, Player]:
     """3,000 puts, 200 updates and 100 deletes, each acknowledged; what the map holds."""
     client = await writer(serve)
     try:
-        grid = client.grid.map(table, Player)
         expected = players(3000)
-        await grid.put_all(expected)
-        for n in range(0, 400, 2):
-            key = f"p{n:05d}"
-            expected[key] = Player("upd", -n, n)
-            await grid.put(key, expected[key])
-        for n in range(2900, 3000):
-            assert await grid.delete(f"p{n:05d}")
-            del expected[f"p{n:05d}"]
+        await write_acknowledged(client.grid.map(table, Player), expected)
     finally:
         await client.close()
     return expected
@@ -360,7 +353,7 @@ async def test_acknowledged_entries_reach_the_database_after_a_kill9_before_any_
     config = serve_config(tmp_path, db.url, table)
     serve = bridge_service(tmp_path, config)
     await start(serve, processes)
-    expected = await write_acknowledged(serve, table)
+    expected = await acknowledged(serve, table)
     serve.kill9()
     assert await db.exists(table) and await db.count(table) == 0  # never flushed
 

@@ -29,12 +29,11 @@ import pytest
 from mongo_standin import (
     MongoServer,
     MongoStandin,
+    OwnDatabase,
     mongo_server,
     require_faults,
-    unique_database_name,
 )
 from pymongo import AsyncMongoClient
-from pymongo.collection import Collection
 from support import (
     BridgedServices,
     Player,
@@ -45,6 +44,7 @@ from support import (
     grid_items,
     sigterm,
     typed,
+    write_acknowledged,
 )
 
 import packetstack.storage.mongo
@@ -79,15 +79,14 @@ def database_url(server_url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
-class MongoDatabase:
+class MongoDatabase(OwnDatabase):
     """The test's own database on the MongoDB server: the bridge URL that names it, and
     direct reads through the server (the stand-in's data, or pymongo on a real mongod),
     independent of the code under test. ``name(prefix)`` names a map (and its collection),
     as SqlDatabase.name does, so BridgedServices can start services on it."""
 
     def __init__(self, server: MongoServer) -> None:
-        self.server = server
-        self.database = unique_database_name("packetstack_service")
+        super().__init__(server, "packetstack_service")
         self.url = database_url(server.url, self.database)
 
     @property
@@ -97,13 +96,6 @@ class MongoDatabase:
     def name(self, prefix: str) -> str:
         return prefix  # the database is the test's own: any name is unique in it
 
-    def collection(self, name: str) -> Collection[dict[str, Any]]:
-        return self.server.collection(self.database, name)
-
-    def documents(self, name: str) -> dict[Any, dict[str, Any]]:
-        """What collection ``name`` holds, by _id (read between the service's writes)."""
-        return {document["_id"]: dict(document) for document in self.collection(name).find({})}
-
     def collections(self) -> list[str]:
         """The collections the database has (none until something is written)."""
         return sorted(self.collection("any").database.list_collection_names())
@@ -112,10 +104,6 @@ class MongoDatabase:
         """Write commands the stand-in has received (0 against a real mongod: not counted)."""
         standin = self.standin
         return 0 if standin is None else sum(standin.command_counts[c] for c in WRITES)
-
-    async def drop(self) -> None:
-        client = self.collection("any").database.client
-        await asyncio.to_thread(client.drop_database, self.database)
 
 
 @pytest.fixture
@@ -499,16 +487,8 @@ async def test_acknowledged_entries_reach_mongodb_after_a_kill9_before_any_flush
     client = Client("writer", serve.url, connect_timeout=30, request_timeout=30)
     await client.connect()
     try:
-        grid = client.grid.map("players", Player)
         expected = players(3000)
-        await grid.put_all(expected)
-        for n in range(0, 400, 2):
-            key = f"p{n:05d}"
-            expected[key] = Player("upd", -n, n)
-            await grid.put(key, expected[key])
-        for n in range(2900, 3000):
-            assert await grid.delete(f"p{n:05d}")
-            del expected[f"p{n:05d}"]
+        await write_acknowledged(client.grid.map("players", Player), expected)
         docs = client.grid.map("docs", Any)
         values: dict[str, Any] = {f"d{n}": {"n": n, "tags": ["x"] * (n % 3)} for n in range(40)}
         values.update({f"v{n}": n if n % 2 else f"text-{n}" for n in range(10)})

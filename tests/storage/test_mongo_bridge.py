@@ -8,7 +8,6 @@ What every store does is the conformance suite's job (test_store_conformance.py)
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import decimal
 import time
@@ -27,9 +26,9 @@ from mongo_standin import (
     UNAUTHORIZED,
     MongoServer,
     MongoStandin,
+    OwnDatabase,
     mongo_server,
     require_faults,
-    unique_database_name,
 )
 
 from packetstack.codec import encode
@@ -81,12 +80,11 @@ def spec(
     return resolve(name, MapBridge(bridge="b", mode=mode, type=value_type, key=key))  # type: ignore[arg-type]
 
 
-class Bridge:
+class Bridge(OwnDatabase):
     """A MongoDB database of the test's own on the server, and the stores opened on it."""
 
     def __init__(self, server: MongoServer) -> None:
-        self.server = server
-        self.database = unique_database_name()
+        super().__init__(server)
         self.stores: list[MongoStore] = []
 
     def store(self, **overrides: Any) -> MongoStore:
@@ -99,15 +97,6 @@ class Bridge:
         made = self.store(**overrides)
         await made.open(list(maps))
         return made
-
-    def documents(self, collection: str) -> dict[Any, dict[str, Any]]:
-        """What the server holds, by _id (read beside the bridge, between its operations)."""
-        found = self.server.collection(self.database, collection).find({})
-        return {document["_id"]: dict(document) for document in found}
-
-    async def drop(self) -> None:
-        client = self.server.collection(self.database, "any").database.client
-        await asyncio.to_thread(client.drop_database, self.database)
 
 
 @pytest.fixture
