@@ -579,3 +579,44 @@ async def test_progress_reaches_the_total_with_entries_set_aside(
     calls: list[tuple[str, int, int]] = []
     await writer.flush(progress=lambda *call: calls.append(call))
     assert calls[-1] == ("m", 10, 10)
+
+
+async def test_a_journal_from_before_dirty_rows_carried_values_is_flushed_right(
+    tmp_path: Path, fake: FakeStore, sleeps: Sleeps
+) -> None:
+    """Dirty rows without a value column (an older journal) get theirs from grid when the
+    journal opens: the entries still there are written, the others deleted."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "grid.db")
+    db.executescript(
+        "CREATE TABLE grid (part INTEGER NOT NULL, map TEXT NOT NULL, key BLOB NOT NULL, "
+        "value BLOB NOT NULL, expires REAL NOT NULL DEFAULT 0, PRIMARY KEY (part, map, key)) "
+        "WITHOUT ROWID; CREATE TABLE grid_dirty (map TEXT NOT NULL, key BLOB NOT NULL, "
+        "part INTEGER NOT NULL, gen INTEGER NOT NULL, PRIMARY KEY (map, key)) WITHOUT ROWID; "
+        "CREATE TABLE grid_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID; "
+        f"INSERT INTO grid_meta VALUES ('dirty_gen', 5), ('partitions', {PARTS});"
+    )
+    db.executemany(
+        "INSERT INTO grid VALUES (?, 'm', ?, ?, ?)",
+        [(1, key(1), enc("one"), 0.0), (2, key(2), enc("two"), time.time() - 1)],
+    )
+    db.executemany(
+        "INSERT INTO grid_dirty VALUES ('m', ?, ?, 5)", [(key(1), 1), (key(2), 2), (key(3), 3)]
+    )
+    db.commit()
+    db.close()
+    store = EmbeddedStore(tmp_path / "grid.db")
+    await store.open("")
+    journal = Journal(store)
+    journal.bridged = frozenset({"m"})
+    try:
+        await journal.open(PARTS)
+        report = await write_behind(journal, {"fake": fake}, sleeps).flush()
+        # 2 expired before the flush, 3 deleted before the upgrade: both deletes.
+        assert only(report) == (1, 2, 0, 0, "")
+        assert fake.writes == [("m", [(key(1), enc("one"))], [key(2), key(3)])]
+        assert await journal.dirty_counts() == {}
+    finally:
+        journal.close()
+        await store.close()

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS grid_dirty (
     key BLOB NOT NULL,
     part INTEGER NOT NULL,
     gen INTEGER NOT NULL,
+    value BLOB,
+    expires REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (map, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS grid_rejected (
@@ -83,34 +85,44 @@ _PUT = (
 )
 _DELETE = "DELETE FROM grid WHERE part = ? AND map = ? AND key = ?"
 _CLEAR = "DELETE FROM grid WHERE part = ? AND map = ?"
+# A dirty row carries the value it is to be written with (NULL: deleted), a copy of
+# grid's: a flush reads one table, without a lookup in grid per entry.
 _DIRTY = (
-    "INSERT INTO grid_dirty (map, key, part, gen) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (map, key) DO UPDATE SET gen = excluded.gen"
+    "INSERT INTO grid_dirty (map, key, part, gen, value, expires) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (map, key) DO UPDATE SET gen = excluded.gen, value = excluded.value, "
+    "expires = excluded.expires"
 )
 # Before a clear of a bridged map: everything it removes is dirty (deleted on flush).
 _DIRTY_CLEARED = (
-    "INSERT INTO grid_dirty (map, key, part, gen) SELECT map, key, part, ? FROM grid "
-    "WHERE part = ? AND map = ? ON CONFLICT (map, key) DO UPDATE SET gen = excluded.gen"
+    "INSERT INTO grid_dirty (map, key, part, gen, value) SELECT map, key, part, ?, NULL "
+    "FROM grid WHERE part = ? AND map = ? ON CONFLICT (map, key) DO UPDATE SET "
+    "gen = excluded.gen, value = NULL, expires = 0"
 )
 # An entry past its expiry that the sweeper has not removed yet is gone: a delete.
 _DIRTY_PAGE = (
-    "SELECT d.key, d.gen, CASE WHEN g.expires > 0 AND g.expires <= ? THEN NULL "
-    "ELSE g.value END, r.gen IS NOT NULL FROM grid_dirty d "
-    "LEFT JOIN grid g ON g.part = d.part AND g.map = d.map AND g.key = d.key "
+    "SELECT d.key, d.gen, CASE WHEN d.expires > 0 AND d.expires <= ? THEN NULL "
+    "ELSE d.value END, r.gen IS NOT NULL FROM grid_dirty d "
     "LEFT JOIN grid_rejected r ON r.map = d.map AND r.key = d.key "
     "WHERE d.map = ? AND d.key > ? "
 )
 _NOT_REJECTED = "AND (r.gen IS NULL OR r.gen != d.gen) "
 _DIRTY_PAGE_END = "ORDER BY d.key LIMIT ?"
 _DIRTY_PAGE_CLEAN = (  # _DIRTY_PAGE for a map with no entry set aside
-    "SELECT d.key, d.gen, CASE WHEN g.expires > 0 AND g.expires <= ? THEN NULL "
-    "ELSE g.value END, 0 FROM grid_dirty d "
-    "LEFT JOIN grid g ON g.part = d.part AND g.map = d.map AND g.key = d.key "
-    "WHERE d.map = ? AND d.key > ? " + _DIRTY_PAGE_END
+    "SELECT d.key, d.gen, CASE WHEN d.expires > 0 AND d.expires <= ? THEN NULL "
+    "ELSE d.value END, 0 FROM grid_dirty d WHERE d.map = ? AND d.key > ? " + _DIRTY_PAGE_END
+)
+# Journals written before dirty rows carried their values get them from grid.
+_DIRTY_VALUES = (
+    "ALTER TABLE grid_dirty ADD COLUMN value BLOB",
+    "ALTER TABLE grid_dirty ADD COLUMN expires REAL NOT NULL DEFAULT 0",
+    "UPDATE grid_dirty SET (value, expires) = (SELECT g.value, g.expires FROM grid g "
+    "WHERE g.part = grid_dirty.part AND g.map = grid_dirty.map AND g.key = grid_dirty.key) "
+    "WHERE EXISTS (SELECT 1 FROM grid g WHERE g.part = grid_dirty.part "
+    "AND g.map = grid_dirty.map AND g.key = grid_dirty.key)",
 )
 _ANY_REJECTED = "SELECT 1 FROM grid_rejected WHERE map = ? LIMIT 1"
-_CLEAN_RANGE = (
-    "DELETE FROM grid_dirty WHERE map = ? AND key >= ? AND key <= ? AND gen <= ? "
+_CLEAN_RANGE = "DELETE FROM grid_dirty WHERE map = ? AND key >= ? AND key <= ? AND gen <= ? "
+_NOT_SET_ASIDE = (
     "AND NOT EXISTS (SELECT 1 FROM grid_rejected r WHERE r.map = grid_dirty.map "
     "AND r.key = grid_dirty.key AND r.gen = grid_dirty.gen)"
 )
@@ -219,13 +231,45 @@ def _mark_dirty(
     their value is the database's)."""
     clears = [op for op in clears if op.map in bridged]
     marked = [op for op in changes if op.map in bridged and op.kind != Kind.LOAD]
-    marked.extend(op for op in cleared if op.map in bridged)
-    if not (clears or marked):
+    gone = [op for op in cleared if op.map in bridged]
+    if not (clears or marked or gone):
         return
     gen = db.execute(_NEXT_GEN).fetchone()[0]
     for op in clears:  # while grid still holds what they clear
         db.execute(_DIRTY_CLEARED, (gen, op.part, op.map))
-    db.executemany(_DIRTY, [(op.map, op.key, op.part, gen) for op in marked])
+    rows = [
+        (op.map, op.key, op.part, gen, op.value, op.expires)
+        if op.kind == Kind.PUT
+        else (op.map, op.key, op.part, gen, None, 0.0)
+        for op in marked
+    ]
+    rows.extend((op.map, op.key, op.part, gen, None, 0.0) for op in gone)
+    db.executemany(_DIRTY, rows)
+
+
+def read_dirty_page(
+    db: sqlite3.Connection, map_name: str, after: bytes | None, limit: int, retry_rejected: bool
+) -> tuple[list[Dirty], int]:
+    """:meth:`Journal.dirty_page` on a connection to the journal: the store's, or a flush
+    worker's own (which only reads, and so sees what the last fold committed). The rows
+    come as SQLite gives them: no Python work per row."""
+    # The join with grid_rejected costs a lookup per row: only when the map has any.
+    if db.execute(_ANY_REJECTED, (map_name,)).fetchone() is None:
+        sql = _DIRTY_PAGE_CLEAN
+    else:
+        sql = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
+    # One read transaction: the rows and the latest generation from the same snapshot.
+    own = not db.in_transaction
+    if own:
+        db.execute("BEGIN")
+    try:
+        start = after if after is not None else b""
+        rows: list[Dirty] = db.execute(sql, (time.time(), map_name, start, limit)).fetchall()
+        latest = db.execute(_LATEST_GEN).fetchone()
+    finally:
+        if own:
+            db.execute("COMMIT")
+    return rows, latest[0] if latest else 0
 
 
 class Journal:
@@ -243,6 +287,16 @@ class Journal:
 
         def read(db: sqlite3.Connection) -> tuple[int | None, bool, list[tuple[str, str]]]:
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(grid_dirty)")}
+            if "value" not in columns:
+                db.execute("BEGIN")
+                try:
+                    for sql in _DIRTY_VALUES:
+                        db.execute(sql)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
             fold(db, self.bridged)
             row = db.execute("SELECT value FROM grid_meta WHERE key = 'partitions'").fetchone()
             has_entries = db.execute("SELECT 1 FROM grid LIMIT 1").fetchone() is not None
@@ -353,20 +407,11 @@ class Journal:
         """Up to ``limit`` dirty entries of a map with keys after ``after``, in key order:
         (key, generation, value or None for a delete, whether it was set aside before);
         and the latest generation so far (every later change has a greater one). Entries
-        set aside at their current generation are left out unless ``retry_rejected``. The
-        rows come as SQLite gives them: no Python work per row on the store's thread,
-        which shares the interpreter with the event loop."""
-        with_rejected = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
+        set aside at their current generation are left out unless ``retry_rejected``."""
 
         def read(db: sqlite3.Connection) -> tuple[list[Dirty], int]:
             fold(db, self.bridged)
-            start = after if after is not None else b""
-            # The join with grid_rejected costs a lookup per row: only when the map has any.
-            rejected = db.execute(_ANY_REJECTED, (map_name,)).fetchone() is not None
-            sql = with_rejected if rejected else _DIRTY_PAGE_CLEAN
-            rows: list[Dirty] = db.execute(sql, (time.time(), map_name, start, limit)).fetchall()
-            latest = db.execute(_LATEST_GEN).fetchone()
-            return rows, latest[0] if latest else 0
+            return read_dirty_page(db, map_name, after, limit, retry_rejected)
 
         return await self.store.read(read)
 
@@ -413,11 +458,15 @@ class Journal:
         an entry changed since the page was read has a generation past ``latest`` and
         stays dirty; one the page left out was set aside at its generation and stays too.
         The earlier refusals of the ``unreject`` keys are forgotten."""
-        statements: list[Statement] = []
-        if unreject:  # first: the range leaves alone what is (still) set aside
-            statements.append((_UNREJECT, [(map_name, key) for key in unreject]))
-        statements.append((_CLEAN_RANGE, (map_name, first, last, latest)))
-        await self.commit(statements)
+        def clean(db: sqlite3.Connection) -> None:
+            if unreject:  # first: the range leaves alone what is (still) set aside
+                db.executemany(_UNREJECT, [(map_name, key) for key in unreject])
+            # The guard against entries set aside costs a lookup per row: only when needed.
+            rejected = db.execute(_ANY_REJECTED, (map_name,)).fetchone() is not None
+            sql = _CLEAN_RANGE + _NOT_SET_ASIDE if rejected else _CLEAN_RANGE
+            db.execute(sql, (map_name, first, last, latest))
+
+        await self.commit([clean])
 
     async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None:
         await self.commit([(_REJECT, (map_name, key, gen, error, time.time()))])

@@ -8,6 +8,10 @@ with exponential backoff up to the bridge's limit; after that the flush of that 
 stops and its entries stay dirty for the next one. A batch the database refuses is split
 in halves until the entries at fault are alone; each is set aside with its error and the
 rest go in.
+
+:class:`MapWriter` does the writing of one map. It runs in the service's process, or, for
+large flushes, in a flush worker process (flush_worker.py) that reads the journal itself,
+so that a flush of a million entries does not slow the service's packet traffic down.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -24,12 +28,16 @@ from ..errors import BridgeRejected, BridgeUnavailable, ConfigError
 from ..storage.bridge import BridgeSettings, Entry, MapSpec, Store
 from .journal import Dirty, Journal
 
+if TYPE_CHECKING:
+    from .flush_worker import FlushWorker
+
 log = logging.getLogger("packetstack.bridge")
 
 PAGES_AHEAD = 4  # batches per journal read
 # Batches written at once: the next one is made ready while the database takes the last.
 PARALLEL = 2
 Progress = Callable[[str, int, int], None]  # (map, entries done, entries dirty at start)
+Advanced = Callable[[int], None]  # entries of the map done so far
 
 
 class MapFlush(msgspec.Struct, kw_only=True):
@@ -92,6 +100,21 @@ class Sleep(Protocol):
     def __call__(self, delay: float, /) -> Awaitable[None]: ...
 
 
+class Pages(Protocol):
+    """Where a MapWriter reads dirty entries and reports what reached the database: the
+    journal itself, or a flush worker's view of it."""
+
+    async def dirty_page(
+        self, map_name: str, after: bytes | None, limit: int, retry_rejected: bool
+    ) -> tuple[list[Dirty], int]: ...
+
+    async def cleaned(
+        self, map_name: str, first: bytes, last: bytes, latest: int, unreject: list[bytes]
+    ) -> None: ...
+
+    async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None: ...
+
+
 class WriteBehind:
     def __init__(
         self,
@@ -99,17 +122,22 @@ class WriteBehind:
         stores: dict[str, Store],
         maps: dict[str, Bridged],
         sleep: Sleep = asyncio.sleep,
+        worker: FlushWorker | None = None,
     ) -> None:
         self.journal = journal
-        self.stores = stores
         self.maps = maps
-        self._sleep = sleep
+        self.writer = MapWriter(journal, stores, sleep)
+        self.worker = worker  # takes the flushes of large maps, when there is one
         self._lock = asyncio.Lock()
         self.flushes = 0
-        self.retries = 0
         self.running: dict[str, tuple[int, int]] = {}  # map -> (done, total) while flushing
         self.last: FlushReport | None = None
         self.dirty: dict[str, tuple[int, int]] = {}  # map -> (dirty, set aside), last count
+
+    @property
+    def retries(self) -> int:
+        """Batches (and opens) retried because a database could not be reached."""
+        return self.writer.retries + (self.worker.retries if self.worker is not None else 0)
 
     async def flush(
         self,
@@ -172,9 +200,40 @@ class WriteBehind:
         progress: Progress | None,
     ) -> None:
         name = bridged.spec.name
+        self.running[name] = (0, total)
+
+        def advanced(done: int) -> None:
+            self.running[name] = (done, max(total, done))
+            if progress is not None:
+                progress(name, done, max(total, done))
+
+        if self.worker is not None and self.worker.takes(name, total):
+            await self.worker.write_map(bridged, result, advanced, retry_rejected)
+        else:
+            await self.writer.write_map(bridged, result, advanced, retry_rejected)
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            await self.worker.close()
+
+
+class MapWriter:
+    """Writes the dirty entries of one map at a time to its store."""
+
+    def __init__(self, pages: Pages, stores: dict[str, Store], sleep: Sleep = asyncio.sleep):
+        self.pages = pages
+        self.stores = stores
+        self._sleep = sleep
+        self.retries = 0
+
+    async def write_map(
+        self, bridged: Bridged, result: MapFlush, advanced: Advanced, retry_rejected: bool
+    ) -> None:
+        """Every dirty entry of the map, page by page, PARALLEL batches at once; raises
+        BridgeUnavailable when its database stays unreachable."""
+        name = bridged.spec.name
         size = bridged.settings.batch
         store = self.stores[bridged.bridge]
-        self.running[name] = (0, total)
         cleaning: list[Awaitable[None]] = []
         writing: set[asyncio.Future[int]] = set()
         done = 0
@@ -187,18 +246,16 @@ class WriteBehind:
                 for write in finished:
                     writing.discard(write)
                     done += write.result()  # BridgeUnavailable ends the map's flush
-                    self.running[name] = (done, max(total, done))
-                    if progress is not None:
-                        progress(name, done, max(total, done))
+                    advanced(done)
 
         ahead: asyncio.Future[tuple[list[Dirty], int]] | None = None
         try:
-            page, latest = await self.journal.dirty_page(
+            page, latest = await self.pages.dirty_page(
                 name, None, size * PAGES_AHEAD, retry_rejected
             )
             while page:
                 ahead = asyncio.ensure_future(
-                    self.journal.dirty_page(name, page[-1][0], size * PAGES_AHEAD, retry_rejected)
+                    self.pages.dirty_page(name, page[-1][0], size * PAGES_AHEAD, retry_rejected)
                 )
                 for start in range(0, len(page), size):
                     batch = page[start : start + size]
@@ -243,7 +300,7 @@ class WriteBehind:
                 key, gen, _, _ = batch[0]
                 result.set_aside += 1
                 log.warning("flush of map %s: entry set aside: %s", name, exc)
-                await self.journal.set_aside(name, key, gen, str(exc))
+                await self.pages.set_aside(name, key, gen, str(exc))
                 return 1
             half = len(batch) // 2
             return await self._write(
@@ -255,7 +312,7 @@ class WriteBehind:
         unreject = [key for key, _, _, aside in batch if aside]
         cleaning.append(
             asyncio.ensure_future(
-                self.journal.cleaned(name, batch[0][0], batch[-1][0], latest, unreject)
+                self.pages.cleaned(name, batch[0][0], batch[-1][0], latest, unreject)
             )
         )
         return len(batch)

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 
 from ..errors import BridgeError, BridgeUnavailable, ConfigError
+from ..grid.flush_worker import FlushWorker
 from ..grid.journal import Journal
 from ..grid.partitions import partition_of
 from ..grid.writebehind import Bridged, FlushReport, Progress, WriteBehind
@@ -34,7 +35,10 @@ class ServiceBridges:
         }
         journal.bridged = frozenset(maps)
         self.journal = journal
-        self.write_behind = WriteBehind(journal, self.stores, maps)
+        worker = None
+        if config.flush_worker_at and maps:
+            worker = FlushWorker(journal, config.bridges, maps, config.flush_worker_at)
+        self.write_behind = WriteBehind(journal, self.stores, maps, worker=worker)
         self._opened: set[str] = set()  # stores whose open() succeeded
         self._interval: asyncio.Task[None] | None = None
         self._closed = False
@@ -129,7 +133,7 @@ class ServiceBridges:
         down: dict[str, str] = {}
         for name in {b.bridge for b in self.maps.values()} - self._opened:
             try:
-                await self.write_behind.retrying(
+                await self.write_behind.writer.retrying(
                     name, self.config.bridges[name], partial(self._open_store, name)
                 )
             except BridgeError as exc:  # unreachable, or its table does not fit the map
@@ -175,6 +179,7 @@ class ServiceBridges:
         return report
 
     async def close_stores(self) -> None:
+        await self.write_behind.close()
         for store in self.stores.values():
             await store.close()
 

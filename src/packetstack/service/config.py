@@ -97,6 +97,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     bridges: dict[str, BridgeSettings] = {}
     maps: dict[str, MapBridge] = {}
     flush_interval: float = 0.0
+    # A map's flush with at least this many dirty entries runs in a flush worker process,
+    # so that it takes no CPU from the service's packet traffic; 0: every flush runs in
+    # the service's event loop.
+    flush_worker_at: int = 10_000
 
     def __post_init__(self) -> None:
         problems = []
@@ -158,6 +162,10 @@ def _bridge_problems(config: ServiceConfig) -> list[str]:
     if config.flush_interval < 0:
         problems.append(
             "flush_interval must be >= 0 seconds (0: flush only when asked and on close)"
+        )
+    if config.flush_worker_at < 0:
+        problems.append(
+            "flush_worker_at must be >= 0 entries (0: every flush runs in the service's process)"
         )
     for name, bridge in config.bridges.items():
         if bridge.batch < 1 or bridge.retries < 1:

@@ -128,8 +128,13 @@ _KEY_DECODERS: dict[str, Callable[[bytes], Any]] = {
 SLICE = 100
 
 
-async def converted(items: Sequence[T], convert: Callable[[T], R]) -> list[R]:
-    """``[convert(item) for item in items]``, yielding to the event loop every SLICE."""
+async def converted(
+    items: Sequence[T], convert: Callable[[T], R], shared_loop: bool = True
+) -> list[R]:
+    """``[convert(item) for item in items]``, yielding to the event loop every SLICE when
+    the loop is shared (not in the flush worker, whose loop serves nothing else)."""
+    if not shared_loop:
+        return [convert(item) for item in items]
     out: list[R] = []
     for start in range(0, len(items), SLICE):
         if start:

@@ -50,9 +50,10 @@ _DATA_CODES = frozenset({2, 9, 14, 17, 52, 55, 56, 57, 10334, 11000, 17419, 121}
 class MongoStore:
     """``MongoStore(name, settings)``: one database, ``open(maps)`` before use."""
 
-    def __init__(self, name: str, settings: BridgeSettings) -> None:
+    def __init__(self, name: str, settings: BridgeSettings, shared_loop: bool = True) -> None:
         self.name = name
         self.settings = settings
+        self.shared_loop = shared_loop
         try:
             parsed = parse_uri(settings.url)
         except (ConfigurationError, ValueError) as exc:
@@ -98,7 +99,7 @@ class MongoStore:
     ) -> None:
         codec, collection = self._collection(map_name)
         requests: list[ReplaceOne[dict[str, Any]] | DeleteOne] = []
-        requests.extend(await converted(upserts, partial(_replace, codec)))
+        requests.extend(await converted(upserts, partial(_replace, codec), self.shared_loop))
         requests.extend(DeleteOne({"_id": key}) for key in codec.delete_keys(deletes))
         if not requests:
             return

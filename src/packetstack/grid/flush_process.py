@@ -1,0 +1,216 @@
+"""The flush worker's process: ``python -m packetstack.grid.flush_process``, started by the
+service (flush_worker.py), talking to it over stdin and stdout in frames.
+
+It opens its own connections to the bridges and to the journal's SQLite file (reads only),
+writes each map it is asked to flush with MapWriter, and reports back what the journal
+must remember. It exits when asked to, or when the service goes away (stdin closes), even
+in the middle of a flush: what was not cleaned stays dirty in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import msgspec
+
+from ..errors import BridgeError
+from ..storage import MapSpec, Store, make_store
+from ..storage.bridge import import_type
+from ..transport.loop import run
+from .flush_worker import (
+    Cleaned,
+    Finished,
+    Flush,
+    Logged,
+    PortableMap,
+    Progressed,
+    SetAside,
+    Start,
+    Stop,
+    ToWorker,
+    frame,
+    read_frame,
+)
+from .journal import Dirty, read_dirty_page
+from .writebehind import Bridged, MapFlush, MapWriter
+
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+
+
+class Channel:
+    """Frames to the service, on the stdout the process had at start."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+
+    def send(self, message: msgspec.Struct) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(frame(message))
+
+
+class JournalPages:
+    """The journal as the MapWriter reads it, from this process: pages from a connection
+    of its own (in a thread: SQLite works there while the loop builds rows), cleaning and
+    setting aside sent to the service, which commits them."""
+
+    def __init__(self, path: str, channel: Channel) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA query_only = ON")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="journal-reader")
+        self._channel = channel
+
+    async def dirty_page(
+        self, map_name: str, after: bytes | None, limit: int, retry_rejected: bool
+    ) -> tuple[list[Dirty], int]:
+        read = partial(read_dirty_page, self._db, map_name, after, limit, retry_rejected)
+        return await asyncio.get_running_loop().run_in_executor(self._reader, read)
+
+    async def cleaned(
+        self, map_name: str, first: bytes, last: bytes, latest: int, unreject: list[bytes]
+    ) -> None:
+        self._channel.send(
+            Cleaned(map=map_name, first=first, last=last, latest=latest, unreject=unreject)
+        )
+
+    async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None:
+        self._channel.send(SetAside(map=map_name, key=key, gen=gen, error=error))
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True)
+        self._db.close()
+
+
+class Forward(logging.Handler):
+    """Log records sent to the service, which logs them as its own."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__(logging.INFO)
+        self._channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = f"flush worker: {self.format(record)}"
+        self._channel.send(Logged(level=record.levelno, text=text))
+
+
+def spec_of(portable: PortableMap) -> MapSpec:
+    value_type = None
+    if portable.type_path is not None:
+        value_type = import_type(portable.type_path, f"maps.{portable.name}.type")
+    return MapSpec(
+        name=portable.name,
+        table=portable.table,
+        mode=portable.mode,  # type: ignore[arg-type]
+        value_type=value_type,
+        key=portable.key,  # type: ignore[arg-type]
+        key_column=portable.key_column,
+        value_column=portable.value_column,
+        load=portable.load,  # type: ignore[arg-type]
+    )
+
+
+class Worker:
+    def __init__(self, start: Start, channel: Channel) -> None:
+        sys.path[:0] = [p for p in start.sys_path if p not in sys.path]
+        self.channel = channel
+        self.maps = {
+            m.name: Bridged(spec_of(m), m.bridge, start.bridges[m.bridge]) for m in start.maps
+        }
+        self.stores: dict[str, Store] = {
+            name: make_store(name, settings, shared_loop=False)
+            for name, settings in start.bridges.items()
+        }
+        self.pages = JournalPages(start.journal, channel)
+        self.writer = MapWriter(self.pages, self.stores)
+        self._opened: set[str] = set()
+
+    async def flush(self, request: Flush) -> None:
+        bridged = self.maps[request.map]
+        result = MapFlush(map=request.map, bridge=bridged.bridge)
+        retries, error = self.writer.retries, ""
+        try:
+            if bridged.bridge not in self._opened:
+                specs = [b.spec for b in self.maps.values() if b.bridge == bridged.bridge]
+                opening = partial(self.stores[bridged.bridge].open, specs)
+                await self.writer.retrying(bridged.bridge, bridged.settings, opening)
+                self._opened.add(bridged.bridge)
+            await self.writer.write_map(
+                bridged,
+                result,
+                lambda done: self.channel.send(Progressed(done=done)),
+                request.retry_rejected,
+            )
+        except BridgeError as exc:  # unreachable, or its table does not fit
+            error = str(exc)
+        except Exception as exc:
+            logging.getLogger("packetstack.bridge").exception("flush of map %s", request.map)
+            error = f"the flush worker failed: {type(exc).__name__}: {exc}"
+        self.channel.send(
+            Finished(
+                written=result.written,
+                deleted=result.deleted,
+                set_aside=result.set_aside,
+                retries=self.writer.retries - retries,
+                error=error,
+            )
+        )
+
+    async def close(self) -> None:
+        for store in self.stores.values():
+            await store.close()
+        self.pages.close()
+
+
+async def serve(reader: asyncio.StreamReader, channel: Channel) -> None:
+    start = _to_worker.decode(await read_frame(reader))
+    if not isinstance(start, Start):
+        raise SystemExit(f"the flush worker expected Start, got {type(start).__name__}")
+    worker = Worker(start, channel)
+    try:
+        while True:
+            try:
+                request = _to_worker.decode(await read_frame(reader))
+            except asyncio.IncompleteReadError:
+                return  # the service went away
+            if isinstance(request, Stop):
+                return
+            if isinstance(request, Flush):
+                # Run while listening: the service going away ends the flush at once.
+                flushing = asyncio.ensure_future(worker.flush(request))
+                gone = asyncio.ensure_future(reader.read(1))  # only EOF can come meanwhile
+                await asyncio.wait((flushing, gone), return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    flushing.cancel()
+                    await asyncio.gather(flushing, return_exceptions=True)
+                    return
+                gone.cancel()
+                await asyncio.gather(gone, return_exceptions=True)
+    finally:
+        await worker.close()
+
+
+async def main(out: Any) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, out)
+    channel = Channel(transport)
+    logging.basicConfig(level=logging.INFO, handlers=[Forward(channel)], force=True)
+    try:
+        await serve(reader, channel)
+    finally:
+        transport.close()
+
+
+if __name__ == "__main__":
+    # The frames go out on a copy of stdout; stdout itself becomes stderr, so that nothing
+    # printed by a library (or a value type's module) can break a frame.
+    frames = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    run(main(frames))
