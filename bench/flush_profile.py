@@ -187,7 +187,9 @@ async def profile_flush(
     """
     plan = FlushPlan(rows=rows)
     await drop_table(database, url)
-    service = make_service(database, url, workdir / "profile-data")
+    # In the service's process (flush_worker_at = 0), where it can be profiled: the flush
+    # worker process runs the same MapWriter (the journal read from its own connection).
+    service = make_service(database, url, workdir / "profile-data", flush_worker_at=0)
     await service.start()
     lines = []
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,7 @@ class Forward(logging.Handler):
 
     def __init__(self, channel: Channel) -> None:
         super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(message)s"))  # the service adds the rest
         self._channel = channel
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -117,7 +119,6 @@ def spec_of(portable: PortableMap) -> MapSpec:
 
 class Worker:
     def __init__(self, start: Start, channel: Channel) -> None:
-        sys.path[:0] = [p for p in start.sys_path if p not in sys.path]
         self.channel = channel
         self.maps = {
             m.name: Bridged(spec_of(m), m.bridge, start.bridges[m.bridge]) for m in start.maps
@@ -209,6 +210,11 @@ async def main(out: Any) -> None:
 
 
 if __name__ == "__main__":
+    # The service stops the worker when it is done with it (a Stop frame, or its stdin
+    # closing); a SIGTERM or SIGINT sent to all of the service's processes (systemd's
+    # control group) must not cut short the flush the service makes as it stops.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The frames go out on a copy of stdout; stdout itself becomes stderr, so that nothing
     # printed by a library (or a value type's module) can break a frame.
     frames = os.fdopen(os.dup(1), "wb", buffering=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import struct
 import sys
 from pathlib import Path
@@ -59,7 +60,6 @@ class PortableMap(msgspec.Struct, kw_only=True):
 
 
 class Start(msgspec.Struct, tag=True, kw_only=True):
-    sys_path: list[str]  # where the value types' modules are found
     journal: str  # the journal's SQLite file
     bridges: dict[str, BridgeSettings]
     maps: list[PortableMap]
@@ -206,19 +206,25 @@ class FlushWorker:
         process = self._process
         if process is not None and process.returncode is None:
             return process
+        # The service's import path: the worker imports packetstack and the maps' value
+        # types from where the service did.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "packetstack.grid.flush_process",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            env=env,
+            # Its own session: a Ctrl-C meant for the service must not stop the worker in
+            # the middle of the flush the service then makes on its way out.
+            start_new_session=True,
         )
         self._process = process
         self.started += 1
         maps = list(self.maps.values())
         used = {m.bridge for m in maps}
         start = Start(
-            sys_path=list(sys.path),
             journal=str(Path(self.journal.store.path).resolve()),
             bridges={name: s for name, s in self.bridges.items() if name in used},
             maps=maps,
@@ -267,8 +273,7 @@ class FlushWorker:
         except (OSError, asyncio.IncompleteReadError, msgspec.DecodeError) as exc:
             code = await self._end()
             raise BridgeUnavailable(
-                f"the flush worker of map {name!r} stopped ({_how(exc, code)}); the entries it "
-                "had not written stay dirty for the next flush"
+                f"the flush worker of map {name!r} stopped ({_how(exc, code)})"
             ) from exc
         except BaseException:  # cancelled: the worker's flush cannot be stopped midway
             await self._end()

@@ -458,6 +458,7 @@ class Journal:
         an entry changed since the page was read has a generation past ``latest`` and
         stays dirty; one the page left out was set aside at its generation and stays too.
         The earlier refusals of the ``unreject`` keys are forgotten."""
+
         def clean(db: sqlite3.Connection) -> None:
             if unreject:  # first: the range leaves alone what is (still) set aside
                 db.executemany(_UNREJECT, [(map_name, key) for key in unreject])
