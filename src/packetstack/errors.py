@@ -133,6 +133,12 @@ class BridgeUnavailable(BridgeError):
     what was being written stays dirty in the journal."""
 
 
+class FlushWorkerStopped(BridgeUnavailable):
+    """The flush worker process died in the middle of a map (killed, crashed): what it
+    had not written stays dirty. The database itself may be fine: the flush goes on with
+    the other maps of its bridge."""
+
+
 class BridgeRejected(BridgeError):
     """The database refused the data itself (too long for its column, a constraint, a
     document it cannot store): retrying the same entry would fail again."""

@@ -62,6 +62,7 @@ class JournalPages:
     setting aside sent to the service, which commits them."""
 
     def __init__(self, path: str, channel: Channel) -> None:
+        self.result = MapFlush(map="", bridge="")  # the map being flushed: its counts so far
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA query_only = ON")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="journal-reader")
@@ -77,7 +78,15 @@ class JournalPages:
         self, map_name: str, first: bytes, last: bytes, latest: int, unreject: list[bytes]
     ) -> None:
         self._channel.send(
-            Cleaned(map=map_name, first=first, last=last, latest=latest, unreject=unreject)
+            Cleaned(
+                map=map_name,
+                first=first,
+                last=last,
+                latest=latest,
+                unreject=unreject,
+                written=self.result.written,
+                deleted=self.result.deleted,
+            )
         )
 
     async def set_aside(self, map_name: str, key: bytes, gen: int, error: str) -> None:
@@ -133,7 +142,7 @@ class Worker:
 
     async def flush(self, request: Flush) -> None:
         bridged = self.maps[request.map]
-        result = MapFlush(map=request.map, bridge=bridged.bridge)
+        result = self.pages.result = MapFlush(map=request.map, bridge=bridged.bridge)
         retries, error = self.writer.retries, ""
         try:
             if bridged.bridge not in self._opened:
@@ -152,15 +161,7 @@ class Worker:
         except Exception as exc:
             logging.getLogger("packetstack.bridge").exception("flush of map %s", request.map)
             error = f"the flush worker failed: {type(exc).__name__}: {exc}"
-        self.channel.send(
-            Finished(
-                written=result.written,
-                deleted=result.deleted,
-                set_aside=result.set_aside,
-                retries=self.writer.retries - retries,
-                error=error,
-            )
-        )
+        self.channel.send(Finished(retries=self.writer.retries - retries, error=error))
 
     async def close(self) -> None:
         for store in self.stores.values():
@@ -173,26 +174,28 @@ async def serve(reader: asyncio.StreamReader, channel: Channel) -> None:
     if not isinstance(start, Start):
         raise SystemExit(f"the flush worker expected Start, got {type(start).__name__}")
     worker = Worker(start, channel)
+    # Always one read pending: the service going away (the end of stdin) is noticed during
+    # a flush, and ends it at once; a frame that comes early waits for the flush to end.
+    incoming = asyncio.ensure_future(read_frame(reader))
     try:
         while True:
             try:
-                request = _to_worker.decode(await read_frame(reader))
+                request = _to_worker.decode(await incoming)
             except asyncio.IncompleteReadError:
                 return  # the service went away
             if isinstance(request, Stop):
                 return
+            incoming = asyncio.ensure_future(read_frame(reader))
             if isinstance(request, Flush):
-                # Run while listening: the service going away ends the flush at once.
                 flushing = asyncio.ensure_future(worker.flush(request))
-                gone = asyncio.ensure_future(reader.read(1))  # only EOF can come meanwhile
-                await asyncio.wait((flushing, gone), return_when=asyncio.FIRST_COMPLETED)
-                if gone.done():
+                await asyncio.wait((flushing, incoming), return_when=asyncio.FIRST_COMPLETED)
+                if incoming.done() and incoming.exception() is not None:
                     flushing.cancel()
                     await asyncio.gather(flushing, return_exceptions=True)
                     return
-                gone.cancel()
-                await asyncio.gather(gone, return_exceptions=True)
+                await flushing
     finally:
+        incoming.cancel()
         await worker.close()
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ..errors import BridgeUnavailable
+from ..errors import BridgeUnavailable, FlushWorkerStopped
 from ..storage.bridge import BridgeSettings, import_type
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ log = logging.getLogger("packetstack.bridge")
 
 LENGTH = struct.Struct(">I")
 STOP_TIMEOUT = 10.0  # seconds a worker has to close its connections before it is killed
+EXIT_GRACE = 2.0  # seconds a worker whose output closed has to exit before it is killed
 
 
 # ------------------------------------------------------------------ service -> worker
@@ -81,13 +82,16 @@ ToWorker = Start | Flush | Stop
 
 
 class Cleaned(msgspec.Struct, tag=True, kw_only=True):
-    """A batch reached the database: Journal.cleaned's arguments."""
+    """A batch reached the database: Journal.cleaned's arguments, and the map's counts so
+    far (what the report says if the worker dies before it finishes)."""
 
     map: str
     first: bytes
     last: bytes
     latest: int
     unreject: list[bytes]
+    written: int
+    deleted: int
 
 
 class SetAside(msgspec.Struct, tag=True, kw_only=True):
@@ -107,9 +111,6 @@ class Logged(msgspec.Struct, tag=True, kw_only=True):
 
 
 class Finished(msgspec.Struct, tag=True, kw_only=True):
-    written: int
-    deleted: int
-    set_aside: int
     retries: int  # batches retried in this flush
     error: str = ""  # the database could not be reached (BridgeUnavailable's text)
 
@@ -242,6 +243,7 @@ class FlushWorker:
         name = bridged.spec.name
         cleaning: list[asyncio.Future[None]] = []
         finished: Finished | None = None
+        written = deleted = set_aside = 0  # as the worker reported them
         try:
             process = await self._running()
             assert process.stdin is not None and process.stdout is not None
@@ -250,6 +252,7 @@ class FlushWorker:
             while finished is None:
                 message = _from_worker.decode(await read_frame(process.stdout))
                 if isinstance(message, Cleaned):
+                    written, deleted = message.written, message.deleted
                     # Queued in order in the store: committed in the order they came.
                     cleaning.append(
                         asyncio.ensure_future(
@@ -259,6 +262,7 @@ class FlushWorker:
                         )
                     )
                 elif isinstance(message, SetAside):
+                    set_aside += 1
                     cleaning.append(
                         asyncio.ensure_future(
                             self.journal.set_aside(name, message.key, message.gen, message.error)
@@ -271,30 +275,34 @@ class FlushWorker:
                 else:
                     finished = message
         except (OSError, asyncio.IncompleteReadError, msgspec.DecodeError) as exc:
-            code = await self._end()
-            raise BridgeUnavailable(
+            code = await self._end(EXIT_GRACE)
+            raise FlushWorkerStopped(
                 f"the flush worker of map {name!r} stopped ({_how(exc, code)})"
             ) from exc
         except BaseException:  # cancelled: the worker's flush cannot be stopped midway
-            await self._end()
+            await self._end(0.0)
             raise
         finally:
             await asyncio.gather(*cleaning)
+            result.written += written
+            result.deleted += deleted
+            result.set_aside += set_aside
         self.retries += finished.retries
-        result.written += finished.written
-        result.deleted += finished.deleted
-        result.set_aside += finished.set_aside
         if finished.error:
             raise BridgeUnavailable(finished.error)
 
-    async def _end(self) -> int | None:
-        """Kill the worker (if it still runs); its exit code."""
+    async def _end(self, grace: float) -> int | None:
+        """The worker's exit code, once it has exited: by itself within ``grace`` seconds
+        (its output closed: it is on its way out), else killed."""
         process, self._process = self._process, None
         if process is None:
             return None
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+        with contextlib.suppress(TimeoutError):
+            # Not killed at once: a kill would reap an exiting worker under asyncio's feet
+            # (which then reports an unknown child and code 255) and hide its own exit code.
+            return await asyncio.wait_for(process.wait(), grace)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
         return await process.wait()
 
     async def close(self) -> None:
@@ -312,7 +320,7 @@ class FlushWorker:
             await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
         except TimeoutError:
             log.warning("the flush worker did not stop within %g s: killed", STOP_TIMEOUT)
-        await self._end()
+        await self._end(0.0)
 
 
 def _how(exc: BaseException, code: int | None) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from ..errors import BridgeRejected, BridgeUnavailable, ConfigError
+from ..errors import BridgeRejected, BridgeUnavailable, ConfigError, FlushWorkerStopped
 from ..storage.bridge import BridgeSettings, Entry, MapSpec, Store
 from .journal import Dirty, Journal
 
@@ -171,6 +171,9 @@ class WriteBehind:
                     continue
                 try:
                     await self._flush_map(bridged, result, total, retry_rejected, progress)
+                except FlushWorkerStopped as exc:  # its bridge may be fine: the rest goes on
+                    result.error = str(exc)
+                    log.error("flush of map %s stopped: %s", name, exc)
                 except BridgeUnavailable as exc:
                     down[bridged.bridge] = result.error = str(exc)
                     log.error(

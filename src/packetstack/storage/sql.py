@@ -179,6 +179,10 @@ class SQLStore:
                 else:  # its state is unknown
                     await _discard(writer)
             raise error from exc
+        except BaseException:  # cancelled: the connection's state is unknown
+            if writer is not None:
+                await _discard(writer)
+            raise
         self._writers.append(writer)
 
     async def load(self, map_name: str, key: bytes) -> bytes | None:
