@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import trustme
-from support import BridgedServices, ServiceProcess, SqlDatabase, sql_database
+from support import BridgedServices, DatabaseProxy, ServiceProcess, SqlDatabase, sql_database
 
 from packetstack import Client, Service
 
@@ -172,3 +172,13 @@ async def bridged(db: SqlDatabase, tmp_path: Path) -> AsyncIterator[BridgedServi
     yield started
     for service in list(started.running):
         await started.close(service)
+
+
+@pytest.fixture
+async def proxy(db: SqlDatabase) -> AsyncIterator[DatabaseProxy]:
+    """A TCP proxy in front of ``db``'s server (not for SQLite), to cut and restore it."""
+    assert db.port is not None
+    started = DatabaseProxy(db.port)
+    await started.start()
+    yield started
+    await started.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import re
 import shutil
 import signal
@@ -902,3 +903,37 @@ async def write_acknowledged(grid: Map[str, Player], expected: dict[str, Player]
     for n in range(len(expected) - 100, len(expected)):
         assert await grid.delete(f"p{n:05d}")
         del expected[f"p{n:05d}"]
+
+
+async def flush_while_changing(
+    service: Service, grid: Map[str, Player], span: int
+) -> tuple[FlushReport, int]:
+    """``service.flush()`` while a writer keeps putting and deleting (one in ten) keys
+    ``p00000`` to ``p{span}`` of ``grid`` (early and late in the flush's order, new keys
+    too), one per loop iteration; the report and how many changes were made. Fails the
+    test if no change was made while the flush ran."""
+    rng = random.Random(span)
+    changes = 0
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        nonlocal changes
+        while not stop.is_set():
+            n = rng.randrange(span)
+            key = f"p{n:05d}"
+            if rng.random() < 0.1:
+                await grid.delete(key)
+            else:
+                await grid.put(key, Player(f"changed-{changes}", changes, n))
+            changes += 1
+            await asyncio.sleep(0)
+
+    during: list[int] = []
+    task = asyncio.create_task(writer())
+    try:
+        report = await service.flush(progress=lambda *_: during.append(changes))
+    finally:
+        stop.set()
+        await task
+    assert during[-1] > during[0], "the writer made no change while the flush ran"
+    return report, changes

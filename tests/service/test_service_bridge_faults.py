@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -47,15 +46,6 @@ pytestmark = pytest.mark.timeout(90)
 
 ALL = ["postgresql", "mariadb", "sqlite"]
 SERVERS = ["postgresql", "mariadb"]  # those a proxy can stand in front of
-
-
-@pytest.fixture
-async def proxy(db: SqlDatabase) -> AsyncIterator[DatabaseProxy]:
-    assert db.port is not None
-    started = DatabaseProxy(db.port)
-    await started.start()
-    yield started
-    await started.close()
 
 
 def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:

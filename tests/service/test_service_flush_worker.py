@@ -31,6 +31,7 @@ from support import (
     bridge_service,
     closing_figures,
     figures,
+    flush_while_changing,
     flush_writes,
     grid_items,
     player_rows,
@@ -45,7 +46,6 @@ from test_service_bridge_faults import (
     SERVERS,
     narrow_table,
     players,
-    proxy,  # noqa: F401 (a fixture)
     serve_config,
     start,
     writer,
@@ -162,30 +162,8 @@ async def test_changes_made_during_a_worker_flush_are_written_by_the_next(
         "busyworker", bridge={"batch": 250}, flush_worker_at=1
     )
     await grid.put_all(players(20_000))
-    changes = 0
-    stop = asyncio.Event()
-
-    async def keep_changing() -> None:
-        nonlocal changes
-        while not stop.is_set():
-            n = (changes * 7919) % 22_000  # all over the key range, and past it
-            key = f"p{n:05d}"
-            if changes % 10 == 9:
-                await grid.delete(key)
-            else:
-                await grid.put(key, Player(f"c{changes}", changes, n))
-            changes += 1
-            await asyncio.sleep(0)
-
-    during: list[int] = []
-    task = asyncio.create_task(keep_changing())
-    try:
-        first = await service.flush(progress=lambda *_: during.append(changes))
-    finally:
-        stop.set()
-        await task
+    first, changes = await flush_while_changing(service, grid, 22_000)
     assert first.ok and first.written >= 20_000 - changes
-    assert during[-1] > during[0], "the writer made no change while the worker flushed"
 
     second = await service.flush()
     assert second.ok
@@ -278,7 +256,7 @@ async def test_the_worker_sets_a_poisoned_entry_aside_and_writes_the_rest(
 async def test_a_database_lost_during_a_worker_flush_loses_nothing(
     db: SqlDatabase,
     bridged: BridgedServices,
-    proxy: DatabaseProxy,  # noqa: F811 (the fixture imported above)
+    proxy: DatabaseProxy,
 ) -> None:
     """The proxy in front of the database goes down at the worker's first progress report;
     the worker gives up on the map, the service reports it, and what was not written stays

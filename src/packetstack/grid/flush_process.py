@@ -22,15 +22,13 @@ from typing import Any
 import msgspec
 
 from ..errors import BridgeError
-from ..storage import MapSpec, Store, make_store
-from ..storage.bridge import import_type
+from ..storage import Store, make_store, resolve
 from ..transport.loop import run
 from .flush_worker import (
     Cleaned,
     Finished,
     Flush,
     Logged,
-    PortableMap,
     Progressed,
     SetAside,
     Start,
@@ -110,27 +108,12 @@ class Forward(logging.Handler):
         self._channel.send(Logged(level=record.levelno, text=text))
 
 
-def spec_of(portable: PortableMap) -> MapSpec:
-    value_type = None
-    if portable.type_path is not None:
-        value_type = import_type(portable.type_path, f"maps.{portable.name}.type")
-    return MapSpec(
-        name=portable.name,
-        table=portable.table,
-        mode=portable.mode,  # type: ignore[arg-type]
-        value_type=value_type,
-        key=portable.key,  # type: ignore[arg-type]
-        key_column=portable.key_column,
-        value_column=portable.value_column,
-        load=portable.load,  # type: ignore[arg-type]
-    )
-
-
 class Worker:
     def __init__(self, start: Start, channel: Channel) -> None:
         self.channel = channel
         self.maps = {
-            m.name: Bridged(spec_of(m), m.bridge, start.bridges[m.bridge]) for m in start.maps
+            name: Bridged(resolve(name, settings), settings.bridge, start.bridges[settings.bridge])
+            for name, settings in start.maps.items()
         }
         self.stores: dict[str, Store] = {
             name: make_store(name, settings, shared_loop=False)

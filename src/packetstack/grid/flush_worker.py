@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from ..errors import BridgeUnavailable, FlushWorkerStopped
-from ..storage.bridge import BridgeSettings, import_type
+from ..storage.bridge import BridgeSettings, MapBridge, import_type
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -46,24 +46,10 @@ EXIT_GRACE = 2.0  # seconds a worker whose output closed has to exit before it i
 # ------------------------------------------------------------------ service -> worker
 
 
-class PortableMap(msgspec.Struct, kw_only=True):
-    """A bridged map as the worker rebuilds it: its spec, with the value type by name."""
-
-    name: str
-    bridge: str
-    table: str
-    mode: str
-    type_path: str | None
-    key: str
-    key_column: str
-    value_column: str
-    load: str
-
-
 class Start(msgspec.Struct, tag=True, kw_only=True):
     journal: str  # the journal's SQLite file
     bridges: dict[str, BridgeSettings]
-    maps: list[PortableMap]
+    maps: dict[str, MapBridge]  # as configured, the value type by name ("module:Name")
 
 
 class Flush(msgspec.Struct, tag=True, kw_only=True):
@@ -145,23 +131,12 @@ def type_path(value_type: type | None) -> str | None:
         return None
 
 
-def portable(bridged: Bridged) -> PortableMap | None:
-    """What the worker needs of a map, or None if its type cannot travel."""
-    spec = bridged.spec
-    path = type_path(spec.value_type)
-    if spec.value_type is not None and path is None:
-        return None
-    return PortableMap(
-        name=spec.name,
-        bridge=bridged.bridge,
-        table=spec.table,
-        mode=spec.mode,
-        type_path=path,
-        key=spec.key,
-        key_column=spec.key_column,
-        value_column=spec.value_column,
-        load=spec.load,
-    )
+def portable(settings: MapBridge) -> MapBridge | None:
+    """A map's settings with its value type by name, or None if the type cannot travel."""
+    if settings.type is None or isinstance(settings.type, str):
+        return settings
+    path = type_path(settings.type)
+    return None if path is None else msgspec.structs.replace(settings, type=path)
 
 
 _from_worker = msgspec.msgpack.Decoder(FromWorker)
@@ -174,21 +149,21 @@ class FlushWorker:
         self,
         journal: Journal,
         bridges: dict[str, BridgeSettings],
-        maps: dict[str, Bridged],
+        maps: dict[str, MapBridge],
         at: int,
     ) -> None:
         self.journal = journal
         self.bridges = bridges
         self.at = at  # dirty entries from which a map's flush goes to the worker
-        self.maps: dict[str, PortableMap] = {}
-        for name, bridged in maps.items():
-            found = portable(bridged)
+        self.maps: dict[str, MapBridge] = {}
+        for name, settings in maps.items():
+            found = portable(settings)
             if found is None:
                 log.info(
                     "map %s: its type %r cannot be imported by name in another process; its "
                     "flushes run in the service",
                     name,
-                    bridged.spec.value_type,
+                    settings.type,
                 )
             else:
                 self.maps[name] = found
@@ -223,12 +198,11 @@ class FlushWorker:
         )
         self._process = process
         self.started += 1
-        maps = list(self.maps.values())
-        used = {m.bridge for m in maps}
+        used = {m.bridge for m in self.maps.values()}
         start = Start(
             journal=str(Path(self.journal.store.path).resolve()),
             bridges={name: s for name, s in self.bridges.items() if name in used},
-            maps=maps,
+            maps=self.maps,
         )
         assert process.stdin is not None
         process.stdin.write(frame(start))

@@ -37,7 +37,7 @@ class ServiceBridges:
         self.journal = journal
         worker = None
         if config.flush_worker_at and maps:
-            worker = FlushWorker(journal, config.bridges, maps, config.flush_worker_at)
+            worker = FlushWorker(journal, config.bridges, config.maps, config.flush_worker_at)
         self.write_behind = WriteBehind(journal, self.stores, maps, worker=worker)
         self._opened: set[str] = set()  # stores whose open() succeeded
         self._interval: asyncio.Task[None] | None = None
