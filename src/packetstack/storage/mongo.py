@@ -98,8 +98,8 @@ class MongoStore:
         self, map_name: str, upserts: Sequence[Entry], deletes: Sequence[bytes]
     ) -> None:
         codec, collection = self._collection(map_name)
-        requests: list[ReplaceOne[dict[str, Any]] | DeleteOne] = []
-        requests.extend(await converted(upserts, partial(_replace, codec), self.shared_loop))
+        replaces = await converted(upserts, partial(_replaces, codec), self.shared_loop)
+        requests: list[ReplaceOne[dict[str, Any]] | DeleteOne] = [*replaces]
         requests.extend(DeleteOne({"_id": key}) for key in codec.delete_keys(deletes))
         if not requests:
             return
@@ -155,14 +155,15 @@ class MongoStore:
             yield page
 
 
-def _replace(codec: EntryCodec, entry: Entry) -> ReplaceOne[dict[str, Any]]:
-    key, value = entry
-    _id = codec.key(key)
-    return ReplaceOne({"_id": _id}, _document(codec, _id, value), upsert=True)
+def _replaces(codec: EntryCodec, entries: Sequence[Entry]) -> list[ReplaceOne[dict[str, Any]]]:
+    return [
+        ReplaceOne({"_id": _id}, _document(codec, _id, value), upsert=True)
+        for _id, value in zip(*codec.decoded(entries), strict=True)
+    ]
 
 
-def _document(codec: EntryCodec, _id: Any, value: bytes) -> dict[str, Any]:
-    data = msgspec.to_builtins(codec.value(value), builtin_types=(bytes,), enc_hook=_hooks.enc_hook)
+def _document(codec: EntryCodec, _id: Any, value: Any) -> dict[str, Any]:
+    data = msgspec.to_builtins(value, builtin_types=(bytes,), enc_hook=_hooks.enc_hook)
     if not isinstance(data, dict) or set(data) == {WRAPPED}:
         return {"_id": _id, WRAPPED: data}
     if "_id" in data:

@@ -150,7 +150,7 @@ class SQLStore:
         self, map_name: str, upserts: Sequence[Entry], deletes: Sequence[bytes]
     ) -> None:
         table = self._table(map_name)
-        rows = await converted(upserts, table.row, self.shared_loop)
+        rows = await converted(upserts, table.rows, self.shared_loop)
         keys = table.codec.delete_keys(deletes)
         assert self._engine is not None, "open() the bridge first"
         limit = self.settings.timeout
@@ -279,15 +279,20 @@ class _Table:
     def delete_where(self, keys: list[Any]) -> sa.Delete:
         return sa.delete(self.table).where(self.key_column.in_(keys))
 
-    def row(self, entry: Entry) -> tuple[Any, ...]:
-        """The driver's parameters for one upsert: the key, then each column's value."""
-        key, value = entry
+    def rows(self, entries: Sequence[Entry]) -> list[tuple[Any, ...]]:
+        """The driver's parameters for upserts: the key, then each column's value."""
+        keys, values = self.codec.decoded(entries)
         if self.spec.mode == "document":
-            return (self.codec.key(key), self.codec.json(value))
-        fields = msgspec.structs.astuple(self.codec.value(value))
+            return [(key, json_text(value)) for key, value in zip(keys, values, strict=True)]
+        astuple = msgspec.structs.astuple
         if not self._conversions:  # every field as the driver takes it: the common case
-            return (self.codec.key(key), *fields)
-        row = [self.codec.key(key), *fields]
+            return [(key, *astuple(value)) for key, value in zip(keys, values, strict=True)]
+        return [
+            self._converted(key, astuple(value)) for key, value in zip(keys, values, strict=True)
+        ]
+
+    def _converted(self, key: Any, fields: tuple[Any, ...]) -> tuple[Any, ...]:
+        row = [key, *fields]
         for index, to_db in self._conversions:
             field = row[index]
             if field is not None:
