@@ -679,6 +679,28 @@ class Player(msgspec.Struct):
     level: int | None = None
 
 
+def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:
+    """``count`` entries ``{name}00000``..., every third with a level (the others None)."""
+    return {
+        f"{name}{n:05d}": Player(f"{name}-{n}", n, None if n % 3 else n * 10)
+        for n in range(start, start + count)
+    }
+
+
+async def delete_five_and_a_fleeting_key(
+    grid: Map[str, Player], expected: dict[str, Player]
+) -> None:
+    """Delete the first five keys of ``expected`` (from it too), put and delete a key
+    between two flushes, and delete a key that was never there: six deletes for the next
+    flush (one of a key the database never had), the last changing nothing."""
+    for key in list(expected)[:5]:
+        assert await grid.delete(key)
+        del expected[key]
+    await grid.put("fleeting", Player("never flushed", 1))
+    assert await grid.delete("fleeting")  # put and deleted between two flushes
+    assert not await grid.delete("never-there")  # changes nothing: nothing to write
+
+
 # The same type for `packetstack serve` children (``type = "bridge_types:Player"``):
 # written into the test's tmp_path as bridge_types.py, which goes on their PYTHONPATH.
 BRIDGE_TYPES = """

@@ -49,6 +49,7 @@ SERVERS = ["postgresql", "mariadb"]  # those a proxy can stand in front of
 
 
 def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:
+    """Entries whose names (four digits) fit the narrowed columns of the poisoning tests."""
     return {f"{name}{n:05d}": Player(f"{n:04d}", n) for n in range(start, start + count)}
 
 

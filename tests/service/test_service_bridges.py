@@ -25,11 +25,13 @@ from support import (
     SqlDatabase,
     bridge_config,
     bridge_service,
+    delete_five_and_a_fleeting_key,
     figures,
     flush_while_changing,
     flush_writes,
     grid_items,
     player_rows,
+    players,
     typed,
     until,
     wait_until,
@@ -41,13 +43,6 @@ from packetstack.service.admin import Status, StatusReport
 from packetstack.storage import BridgeSettings, MapBridge
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:
-    return {
-        f"{name}{n:05d}": Player(f"{name}-{n}", n, None if n % 3 else n * 10)
-        for n in range(start, start + count)
-    }
 
 
 # ------------------------------------------------------------------ basic flush
@@ -139,12 +134,7 @@ async def test_deletes_become_deletes_and_a_never_flushed_delete_is_harmless(
     await grid.put_all(expected)
     assert (await service.flush()).written == 20
 
-    for key in list(expected)[:5]:
-        assert await grid.delete(key)
-        del expected[key]
-    await grid.put("fleeting", Player("never flushed", 1))
-    assert await grid.delete("fleeting")  # put and deleted between two flushes
-    assert not await grid.delete("never-there")  # changes nothing: nothing to write
+    await delete_five_and_a_fleeting_key(grid, expected)
 
     report = await service.flush()
 

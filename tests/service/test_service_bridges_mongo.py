@@ -40,8 +40,10 @@ from support import (
     bridge_config,
     bridge_service,
     closing_figures,
+    delete_five_and_a_fleeting_key,
     figures,
     grid_items,
+    players,
     sigterm,
     typed,
     write_acknowledged,
@@ -55,13 +57,6 @@ from packetstack.storage import MapBridge
 pytestmark = pytest.mark.timeout(120)
 
 WRITES = ("insert", "update", "delete")  # the commands that change a collection
-
-
-def players(count: int, name: str = "p", start: int = 0) -> dict[str, Player]:
-    return {
-        f"{name}{n:05d}": Player(f"{name}-{n}", n, None if n % 3 else n * 10)
-        for n in range(start, start + count)
-    }
 
 
 def player_documents(players: Mapping[Any, Player]) -> dict[Any, dict[str, Any]]:
@@ -246,12 +241,7 @@ async def test_deletes_and_clears_become_deletes(
     await service.grid.map("kept", Any).put_all({"a": 1, "b": {"x": 2}})
     assert (await service.flush()).written == 22
 
-    for key in list(expected)[:5]:
-        assert await grid.delete(key)
-        del expected[key]
-    await grid.put("fleeting", Player("never flushed", 1))
-    assert await grid.delete("fleeting")  # put and deleted between two flushes
-    assert not await grid.delete("never-there")  # changes nothing: nothing to write
+    await delete_five_and_a_fleeting_key(grid, expected)
     assert mongo.documents("deletes") == player_documents(players(20))  # until the flush
 
     report = await service.flush()

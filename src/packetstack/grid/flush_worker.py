@@ -117,10 +117,8 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
-def type_path(value_type: type | None) -> str | None:
+def type_path(value_type: type) -> str | None:
     """``"module:Name"`` of a class another process can import by that name, else None."""
-    if value_type is None:
-        return None
     module, name = value_type.__module__, value_type.__qualname__
     if module == "__main__" or "." in name or "<" in name:
         return None

@@ -25,10 +25,11 @@ were refused at) and skipped until they change or a flush is asked to retry them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 
 import msgspec
@@ -177,6 +178,23 @@ def statements(effects: list[Op]) -> list[Statement]:
     return out
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A transaction on ``db`` (committed, or rolled back on an error), unless one is open
+    already: then the statements go in the caller's."""
+    if db.in_transaction:
+        yield
+        return
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def fold(db: sqlite3.Connection, bridged: AbstractSet[str] = frozenset()) -> int:
     """Apply every logged batch to ``grid``, in order, and empty the log; how many effects.
     Changes to the ``bridged`` maps are marked dirty. Runs on the store's thread: inside
@@ -184,10 +202,7 @@ def fold(db: sqlite3.Connection, bridged: AbstractSet[str] = frozenset()) -> int
     batches = db.execute("SELECT id, effects FROM grid_log ORDER BY id").fetchall()
     if not batches:
         return 0
-    own = not db.in_transaction
-    if own:
-        db.execute("BEGIN")
-    try:
+    with transaction(db):
         count = 0
         clears: list[Op] = []
         cleared: list[Op] = []  # changes a later clear undid before they reached grid
@@ -209,12 +224,6 @@ def fold(db: sqlite3.Connection, bridged: AbstractSet[str] = frozenset()) -> int
         for sql, params in statements(clears + changes):  # type: ignore[misc]
             db.executemany(sql, params)
         db.execute("DELETE FROM grid_log WHERE id <= ?", (batches[-1][0],))
-        if own:
-            db.execute("COMMIT")
-    except BaseException:
-        if own and db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return count
 
 
@@ -253,22 +262,16 @@ def read_dirty_page(
     """:meth:`Journal.dirty_page` on a connection to the journal: the store's, or a flush
     worker's own (which only reads, and so sees what the last fold committed). The rows
     come as SQLite gives them: no Python work per row."""
-    # The join with grid_rejected costs a lookup per row: only when the map has any.
-    if db.execute(_ANY_REJECTED, (map_name,)).fetchone() is None:
-        sql = _DIRTY_PAGE_CLEAN
-    else:
-        sql = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
     # One read transaction: the rows and the latest generation from the same snapshot.
-    own = not db.in_transaction
-    if own:
-        db.execute("BEGIN")
-    try:
+    with transaction(db):
+        # The join with grid_rejected costs a lookup per row: only when the map has any.
+        if db.execute(_ANY_REJECTED, (map_name,)).fetchone() is None:
+            sql = _DIRTY_PAGE_CLEAN
+        else:
+            sql = _DIRTY_PAGE + ("" if retry_rejected else _NOT_REJECTED) + _DIRTY_PAGE_END
         start = after if after is not None else b""
         rows: list[Dirty] = db.execute(sql, (time.time(), map_name, start, limit)).fetchall()
         latest = db.execute(_LATEST_GEN).fetchone()
-    finally:
-        if own:
-            db.execute("COMMIT")
     return rows, latest[0] if latest else 0
 
 
@@ -289,14 +292,9 @@ class Journal:
             db.executescript(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(grid_dirty)")}
             if "value" not in columns:
-                db.execute("BEGIN")
-                try:
+                with transaction(db):
                     for sql in _DIRTY_VALUES:
                         db.execute(sql)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
             fold(db, self.bridged)
             row = db.execute("SELECT value FROM grid_meta WHERE key = 'partitions'").fetchone()
             has_entries = db.execute("SELECT 1 FROM grid LIMIT 1").fetchone() is not None
@@ -481,19 +479,13 @@ class Journal:
         def write(db: sqlite3.Connection) -> list[tuple[int, bytes, bytes]]:
             fold(db, self.bridged)
             added = []
-            db.execute("BEGIN")
-            try:
+            with transaction(db):
                 for key, value in entries:
                     part = part_of(key)
                     known = db.execute(_KNOWN, (part, map_name, key, map_name, key)).fetchone()
                     if known is None:
                         db.execute(_PUT, (part, map_name, key, value, 0.0))
                         added.append((part, key, value))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
             return added
 
         return await self.store.read(write)
